@@ -1,0 +1,74 @@
+"""The one local training path, used by every task in simulation and deployment.
+
+With DP on, a fresh Opacus engine wraps the model every round and is closed
+afterwards, so hooks never stack on the cached model (opacus#608); the model is on its
+device before Opacus wraps it, so the optimizer steps the tensors that train
+(opacus#820). The accountant is restored from, and written back to, the client's ledger.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.privacy import PrivacyLedger, PrivacyPlan
+from shared.config import FedConfig
+
+
+@dataclass
+class TrainResult:
+    loss: float
+    steps: int
+
+
+def _step(model: torch.nn.Module, batch, optimizer) -> float:
+    input_ids, attention_mask, labels = batch
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train_local(
+    model: torch.nn.Module,
+    dataset: TensorDataset,
+    cfg: FedConfig,
+    ledger: PrivacyLedger | None = None,
+    plan: PrivacyPlan | None = None,
+    server_round: int = 0,
+) -> TrainResult:
+    torch.manual_seed(cfg.seed * 100_003 + server_round)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
+    if not cfg.dp:
+        losses = [_step(model, batch, optimizer) for _ in range(cfg.local_epochs) for batch in loader]
+        model.eval()
+        return TrainResult(sum(losses) / max(1, len(losses)), len(losses))
+
+    assert ledger is not None and plan is not None
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.load_state_dict(ledger.accountant().state_dict())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
+        dp_model, dp_optimizer, dp_loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
+        )
+    losses = []
+    try:
+        for _ in range(cfg.local_epochs):
+            for batch in dp_loader:
+                losses.append(_step(dp_model, batch, dp_optimizer))
+    finally:
+        dp_model._close()  # remove hooks and per-sample grads from the shared model
+    ledger.record(engine.accountant, server_round)
+    model.eval()
+    return TrainResult(sum(losses) / max(1, len(losses)), len(losses))

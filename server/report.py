@@ -1,0 +1,125 @@
+"""What a person reads after a run: summary.json, metrics.csv, a plot, a final table.
+
+Files are rewritten after every round (atomically), so an interrupted run still leaves
+its history next to its checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "clients_declined",
+                "clients_failed", "bytes_uploaded", "seconds"]
+
+
+def _finite(x):
+    return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunReport:
+    output: Path
+    config: dict
+    rounds: list[dict] = field(default_factory=list)
+    clients: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def resume(cls, output: Path, config: dict) -> "RunReport":
+        path = output / "summary.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            return cls(output, config, old.get("rounds", []), old.get("clients", {}))
+        return cls(output, config)
+
+    def add_round(self, server_round: int, evaluation: dict, client_metrics: list[dict], failed: int, seconds: float) -> dict:
+        trained = [m for m in client_metrics if not m.get("declined")]
+        for m in client_metrics:
+            cid = str(m.get("client-id"))
+            entry = self.clients.setdefault(cid, {"epsilon": 0.0, "delta": m.get("delta", 0.0), "num_examples": 0,
+                                                  "rounds_trained": 0, "bytes_uploaded": []})
+            entry["epsilon"] = _finite(float(m.get("epsilon", 0.0)))
+            entry["delta"] = m.get("delta", entry["delta"])
+            if not m.get("declined"):
+                entry["num_examples"] = int(m.get("num-examples", 0))
+                entry["rounds_trained"] += 1
+                entry["bytes_uploaded"].append({"round": server_round, "bytes": int(m.get("bytes-uploaded", 0))})
+            else:
+                entry["declined_round"] = server_round
+        eps = [float(m.get("epsilon", 0.0)) for m in client_metrics]
+        row = {
+            "round": server_round, **{k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")},
+            "epsilon_max": _finite(max(eps)) if eps else None,
+            "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained),
+            "clients_failed": failed,
+            "bytes_uploaded": int(sum(int(m.get("bytes-uploaded", 0)) for m in trained)),
+            "seconds": round(seconds, 2),
+        }
+        self.rounds = [r for r in self.rounds if r["round"] != server_round] + [row]
+        self.write()
+        return row
+
+    def summary(self) -> dict:
+        last = self.rounds[-1] if self.rounds else {}
+        return {
+            "config": self.config,
+            "rounds": self.rounds,
+            "final": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1"), "loss": last.get("loss")},
+            "clients": self.clients,
+        }
+
+    def write(self) -> None:
+        self.output.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.output / "summary.json", json.dumps(self.summary(), indent=2))
+        tmp = self.output / "metrics.csv.tmp"
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
+            writer.writeheader()
+            writer.writerows({k: r.get(k) for k in ROUND_FIELDS} for r in self.rounds)
+        os.replace(tmp, self.output / "metrics.csv")
+
+    def plot(self) -> Path:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in self.rounds]
+        fig, ax1 = plt.subplots(figsize=(6.4, 4))
+        ax1.plot(rounds, [r["accuracy"] for r in self.rounds], "o-", color="tab:blue", label="accuracy")
+        ax1.set_xlabel("round")
+        ax1.set_ylabel("held-out accuracy", color="tab:blue")
+        ax1.set_ylim(0, 1)
+        ax2 = ax1.twinx()
+        ax2.plot(rounds, [r["epsilon_max"] if r["epsilon_max"] is not None else float("nan") for r in self.rounds],
+                 "s--", color="tab:red", label="max client epsilon")
+        ax2.set_ylabel("max client epsilon", color="tab:red")
+        ax2.set_ylim(bottom=0)
+        ax1.set_title("fedlora: accuracy and privacy spent per round")
+        fig.tight_layout()
+        path = self.output / "accuracy_epsilon.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def print_table(self, console: Console | None = None) -> None:
+        table = Table(title="fedlora run")
+        for col in ("round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "bytes_uploaded", "seconds"):
+            table.add_column(col, justify="right")
+        for r in self.rounds:
+            table.add_row(*[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in
+                            ("round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "bytes_uploaded", "seconds")])
+        (console or Console()).print(table)

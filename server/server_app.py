@@ -1,0 +1,93 @@
+"""Flower ServerApp: sample clients, aggregate adapters (securely by default), evaluate, checkpoint.
+
+The same app runs under the simulation engine and the deployment runtime. The run
+settings come from the Flower run config (or from `fedlora simulate`), and the server
+sends the client-relevant part to the clients in every round's ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from server.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from server.report import RunReport
+from server.strategy import FedLoraStrategy
+from shared.config import FedConfig
+from shared.data import encode, load_federation, num_partitions
+from shared.evaluation import evaluate
+from shared.lora import cached_model, load_trainable_state, trainable_state
+from shared.params import from_record, to_record
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_server(grid, FedConfig.from_run_config(context.run_config))
+
+
+def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_round: int, arrays: ArrayRecord):
+    """One round of training: (new global or None, per-client metrics, failed count)."""
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(cfg.to_run_config()), grid))
+    if not cfg.secure_agg:
+        return strategy.aggregate_train(server_round, grid.send_and_receive(messages))
+    from server.secure_aggregation import SecAggConfig, secure_aggregate
+
+    result = secure_aggregate(grid, arrays, messages, SecAggConfig(
+        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None,
+    ))
+    metrics = [dict(m) for m in result.metrics]
+    for m in metrics:
+        m["client-id"] = int(m["partition-id"]) if m.get("partition-id", -1) >= 0 else m.get("node-id", -1)
+    if result.error:
+        Console(stderr=True).print(f"[yellow]round {server_round}: secure aggregation failed ({result.error}); global adapter unchanged")
+    return result.arrays, metrics, len(result.dropped)
+
+
+def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> RunReport:
+    console = console or Console()
+    fed = load_federation(cfg)
+    if not cfg.labels:
+        cfg = cfg.replace(labels=json.dumps(fed.labels))
+    output = Path(cfg.output)
+    model, tokenizer = cached_model(cfg, len(fed.labels))
+    test = encode(fed.test, fed.labels, tokenizer, cfg.max_length, "test data")
+
+    start = 1
+    report = RunReport(output, cfg.to_run_config())
+    load_trainable_state(model, model.fedlora_initial_state)
+    if cfg.resume:
+        folder, done = latest_checkpoint(Path(cfg.resume))
+        load_trainable_state(model, load_checkpoint_state(model, folder))
+        report = RunReport.resume(output, cfg.to_run_config())
+        report.rounds = [r for r in report.rounds if r["round"] <= done]
+        start = done + 1
+        console.print(f"resuming from {folder} (round {done})")
+    arrays = to_record(trainable_state(model))
+
+    strategy = FedLoraStrategy(cfg, num_partitions(cfg) if not cfg.data or cfg.partition_by else cfg.num_clients)
+    columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("rounds", total=cfg.rounds, completed=start - 1, status="")
+        for server_round in range(start, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            new_arrays, metrics, failed = _train_round(grid, strategy, cfg, server_round, arrays)
+            if new_arrays is not None:
+                arrays = new_arrays
+            load_trainable_state(model, from_record(arrays))
+            evaluation = evaluate(model, test, len(fed.labels))
+            save_checkpoint(model, output, server_round)
+            row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0)
+            eps = f"{row['epsilon_max']:.2f}" if row["epsilon_max"] is not None else "off"
+            progress.update(task, advance=1, status=f"acc {row['accuracy']:.3f}  eps_max {eps}  clients {row['clients_trained']}")
+    report.write()
+    report.plot()
+    report.print_table(console)
+    return report

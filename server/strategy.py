@@ -1,0 +1,37 @@
+"""FedAvg over adapter tensors that leaves out clients who declined (budget spent) or failed."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from shared.config import FedConfig
+
+
+def client_metrics(reply: Message) -> dict:
+    metrics = dict(reply.content["metrics"])
+    metrics["client-id"] = int(metrics.get("partition-id", -1)) if metrics.get("partition-id", -1) >= 0 else reply.metadata.src_node_id
+    return metrics
+
+
+class FedLoraStrategy(FedAvg):
+    def __init__(self, cfg: FedConfig, num_nodes: int) -> None:
+        super().__init__(
+            fraction_train=cfg.fraction, fraction_evaluate=0.0, min_train_nodes=1,
+            min_available_nodes=num_nodes, weighted_by_key="num-examples",
+        )
+
+    def split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict], int]:
+        """(replies that trained, metrics of every client that answered, number that failed)."""
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        trained = [m for m in valid if not m.content["metrics"].get("declined", 0)]
+        return trained, [client_metrics(m) for m in valid], len(errors)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, list[dict], int]:
+        trained, metrics, failed = self.split_replies(replies)
+        if not trained:
+            return None, metrics, failed
+        return aggregate_arrayrecords([m.content for m in trained], self.weighted_by_key), metrics, failed

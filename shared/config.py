@@ -1,0 +1,127 @@
+"""One place for every setting of a federation.
+
+`FedConfig` is the single source of defaults. The Flower run config in
+`pyproject.toml` mirrors it (a test keeps them equal), the CLI builds it from flags,
+and the server ships the client-relevant part of it to every client in each round's
+ConfigRecord, so simulation and deployment read settings the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from shared.errors import FedLoraError
+
+
+@dataclass
+class FedConfig:
+    # model and adapter
+    model: str = "minilm"
+    lora: str = "ffa"  # "ffa" (A frozen from a shared seed, only B trains) or "plain"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
+    max_length: int = 48
+    # data
+    data: str = ""  # empty: the synthetic marketing federation
+    test_data: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    partition_by: str = "brand"  # natural partitioning: one client per value; empty: use `partition`
+    partition: str = "iid"  # "iid" or "dirichlet:ALPHA" when partition_by is empty
+    labels: str = ""  # JSON list of the global label names; derived from the data when empty
+    brands: int = 6  # synthetic data only: one data owner per brand
+    examples_per_brand: int = 400  # synthetic data only
+    test_size: int = 800  # synthetic data only
+    # federation
+    num_clients: int = 6
+    fraction: float = 1.0
+    rounds: int = 4
+    local_epochs: int = 1
+    batch_size: int = 32  # expected (Poisson) batch size under DP
+    lr: float = 2e-3
+    seed: int = 0
+    # privacy
+    dp: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    # secure aggregation
+    secure_agg: bool = True
+    secagg_threshold: float = 0.0  # 0: protocol default
+    secagg_neighbours: int = 0  # 0: protocol default
+    # outputs and resources
+    output: str = "runs/latest"
+    resume: str = ""
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.lora not in ("ffa", "plain"):
+            raise FedLoraError(f"--lora must be 'ffa' or 'plain', got {self.lora!r}")
+        if self.partition != "iid" and not self.partition.startswith("dirichlet:"):
+            raise FedLoraError(f"--partition must be 'iid' or 'dirichlet:ALPHA', got {self.partition!r}")
+        if self.partition.startswith("dirichlet:"):
+            try:
+                alpha = float(self.partition.split(":", 1)[1])
+            except ValueError:
+                alpha = -1.0
+            if alpha <= 0:
+                raise FedLoraError(f"--partition dirichlet:ALPHA needs a positive ALPHA, got {self.partition!r}")
+        if self.num_clients < 1:
+            raise FedLoraError("--num-clients must be at least 1")
+        if not 0.0 < self.fraction <= 1.0:
+            raise FedLoraError("--fraction must be in (0, 1]")
+        if self.rounds < 1 or self.local_epochs < 1:
+            raise FedLoraError("--rounds and --local-epochs must be at least 1")
+        if self.dp:
+            if not self.target_epsilon > 0:
+                raise FedLoraError(f"epsilon target cannot be met: --target-epsilon must be positive, got {self.target_epsilon}")
+            if not 0.0 < self.delta < 1.0:
+                raise FedLoraError(f"--delta must be in (0, 1), got {self.delta}")
+        if self.batch_size < 1:
+            raise FedLoraError("--batch-size must be at least 1")
+
+    @property
+    def dirichlet_alpha(self) -> float | None:
+        return float(self.partition.split(":", 1)[1]) if self.partition.startswith("dirichlet:") else None
+
+    @property
+    def label_names(self) -> list[str]:
+        return json.loads(self.labels) if self.labels else []
+
+    def replace(self, **changes: Any) -> "FedConfig":
+        return dataclasses.replace(self, **changes)
+
+    # Flower run config uses hyphenated keys and flat scalars.
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedConfig":
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                continue
+            default = known[name].default
+            values[name] = _coerce(name, value, type(default))
+        return cls(**values)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise FedLoraError(f"config value {name}={value!r} is not a valid {kind.__name__}") from exc

@@ -1,0 +1,256 @@
+"""Data: a synthetic marketing federation, or the owner's own files, partitioned.
+
+Every process derives the same split and partitions from the config and seed, so a
+simulated client only ever touches its own partition and the server only the test split.
+Partitioning uses flwr-datasets partitioners.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import torch
+from datasets import Dataset
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+from torch.utils.data import TensorDataset
+from transformers import PreTrainedTokenizerBase
+
+from shared.config import FedConfig
+from shared.errors import FedLoraError
+
+SYNTHETIC_LABELS = ["negative", "positive"]
+
+# --- synthetic federation -------------------------------------------------------------
+
+_CATEGORIES = {
+    "electronics": ["headphones", "charger", "smartwatch", "speaker", "tablet", "keyboard", "webcam"],
+    "beauty": ["serum", "lipstick", "moisturizer", "shampoo", "perfume", "face mask", "sunscreen"],
+    "grocery": ["coffee beans", "olive oil", "granola", "tea", "pasta sauce", "chocolate", "honey"],
+    "fashion": ["sneakers", "jacket", "dress", "jeans", "handbag", "scarf", "boots"],
+    "home": ["blender", "vacuum", "lamp", "mattress", "cookware set", "towels", "air purifier"],
+    "travel": ["hotel stay", "flight", "suitcase", "city tour", "rental car", "backpack", "cruise"],
+    "fitness": ["yoga mat", "protein powder", "dumbbells", "running shoes", "gym membership", "bike"],
+    "banking": ["credit card", "savings account", "mobile app", "loan", "support line", "debit card"],
+}
+_POSITIVE = [
+    "works perfectly", "exceeded my expectations", "great value for the money", "arrived quickly",
+    "I love it", "would definitely buy again", "excellent quality", "the staff were so helpful",
+    "highly recommend", "does exactly what it promised", "five stars", "super comfortable",
+]
+_NEGATIVE = [
+    "stopped working after a week", "a complete waste of money", "arrived broken", "I want a refund",
+    "terrible quality", "would never buy again", "the support was useless", "cheap and flimsy",
+    "very disappointed", "nothing like the description", "one star", "took forever to arrive",
+]
+_BRAND_SLANG = [
+    ("total win", "total fail"), ("chef's kiss", "hard pass"), ("a keeper", "a dud"),
+    ("top notch", "rubbish"), ("spot on", "way off"), ("brilliant", "dreadful"),
+    ("solid pick", "big letdown"), ("worth it", "not worth it"),
+]
+_OPENERS = ["", "Honestly, ", "Update: ", "So, ", "Bought this last month. ", "Ordered for my family. "]
+_FILLER = ["the packaging", "the color", "delivery", "the price", "the size", "the app", "checkout"]
+
+
+def _review(rng: random.Random, brand: str, items: list[str], slang: tuple[str, str], positive: bool) -> str:
+    item = rng.choice(items)
+    main = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    local = slang[0] if positive else slang[1]
+    style = rng.random()
+    if style < 0.25:  # mixed review: the clause after "but" carries the label
+        aside = rng.choice(_NEGATIVE if positive else _POSITIVE)
+        return f"{rng.choice(_OPENERS)}The {item} from {brand}: {aside}, but overall {main}."
+    if style < 0.5:
+        return f"{rng.choice(_OPENERS)}{brand} {item}, {local}. {main.capitalize()}."
+    if style < 0.75:
+        return f"{rng.choice(_OPENERS)}My {item} {main}. Not sure about {rng.choice(_FILLER)} though."
+    return f"{main.capitalize()}! The {item} is {local}."
+
+
+def synthetic_federation(num_brands: int, examples_per_brand: int, test_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Non-IID review data: each brand has its own categories, slang and label skew."""
+    rng = random.Random(seed)
+    categories = list(_CATEGORIES)
+    brands = []
+    for b in range(num_brands):
+        cats = rng.sample(categories, 2)
+        brands.append({
+            "brand": f"brand-{b:03d}",
+            "items": [i for c in cats for i in _CATEGORIES[c]],
+            "slang": _BRAND_SLANG[b % len(_BRAND_SLANG)],
+            "p_positive": rng.uniform(0.2, 0.8),
+            "category": cats[0],
+        })
+
+    def draw(n_per_brand: int, balanced: bool) -> pd.DataFrame:
+        rows = []
+        for spec in brands:
+            for _ in range(n_per_brand):
+                positive = rng.random() < (0.5 if balanced else spec["p_positive"])
+                rows.append({
+                    "text": _review(rng, spec["brand"], spec["items"], spec["slang"], positive),
+                    "label": SYNTHETIC_LABELS[int(positive)],
+                    "brand": spec["brand"],
+                    "category": spec["category"],
+                })
+        return pd.DataFrame(rows)
+
+    train = draw(examples_per_brand, balanced=False)
+    test = draw(max(1, test_size // num_brands), balanced=True)
+    return train, test
+
+
+# --- files ---------------------------------------------------------------------------
+
+def read_table(path: str) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():
+        raise FedLoraError(f"data file not found: {path}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".csv":
+            df = pd.read_csv(p)
+        elif suffix == ".tsv":
+            df = pd.read_csv(p, sep="\t")
+        elif suffix in (".jsonl", ".json"):
+            df = pd.read_json(p, lines=suffix == ".jsonl")
+        elif suffix == ".parquet":
+            df = pd.read_parquet(p)
+        else:
+            raise FedLoraError(f"unsupported data format {suffix!r} for {path}: use .csv, .tsv, .jsonl or .parquet")
+    except FedLoraError:
+        raise
+    except Exception as exc:  # pandas/pyarrow raise many types for malformed files
+        raise FedLoraError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if df.empty:
+        raise FedLoraError(f"data file is empty: {path}")
+    return df
+
+
+def check_columns(df: pd.DataFrame, path: str, *columns: str) -> None:
+    for column in columns:
+        if column and column not in df.columns:
+            raise FedLoraError(f"column {column!r} not in {path} (columns: {', '.join(map(str, df.columns))})")
+
+
+def normalize(df: pd.DataFrame, cfg: FedConfig, path: str) -> pd.DataFrame:
+    """Keep text and label as strings under the canonical names 'text' and 'label'."""
+    check_columns(df, path, cfg.text_column, cfg.label_column)
+    out = pd.DataFrame({
+        "text": df[cfg.text_column].astype(str),
+        "label": df[cfg.label_column].map(_label_str),
+    })
+    for column in df.columns:
+        if column not in (cfg.text_column, cfg.label_column):
+            out[column] = df[column]
+    if out["label"].isna().any():
+        raise FedLoraError(f"{path}: column {cfg.label_column!r} has {int(out['label'].isna().sum())} empty labels")
+    return out
+
+
+def _label_str(value) -> str | None:
+    if pd.isna(value):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def derive_labels(train: pd.DataFrame) -> list[str]:
+    values = sorted(set(train["label"]))
+    if all(v.lstrip("-").isdigit() for v in values):
+        values = sorted(values, key=int)
+    return values
+
+
+@dataclass
+class FederatedData:
+    train: pd.DataFrame  # the whole federation's training data (simulation only)
+    test: pd.DataFrame
+    labels: list[str]
+
+
+@lru_cache(maxsize=4)
+def _load(cfg_key: str) -> FederatedData:
+    cfg = FedConfig.from_run_config(json.loads(cfg_key))
+    if not cfg.data:
+        train, test = synthetic_federation(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)
+        labels = SYNTHETIC_LABELS
+    else:
+        train = normalize(read_table(cfg.data), cfg, cfg.data)
+        if cfg.test_data:
+            test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
+        else:
+            test = train.sample(frac=0.2, random_state=cfg.seed)
+            train = train.drop(test.index)
+        labels = cfg.label_names or derive_labels(train)
+    unknown = sorted(set(test["label"]) - set(labels))
+    if unknown:
+        raise FedLoraError(f"test data has labels the training data lacks: {', '.join(unknown[:5])}")
+    return FederatedData(train.reset_index(drop=True), test.reset_index(drop=True), labels)
+
+
+def _data_key(cfg: FedConfig) -> str:
+    keys = ("data", "test_data", "text_column", "label_column", "labels", "brands",
+            "examples_per_brand", "test_size", "seed")
+    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+
+
+def load_federation(cfg: FedConfig) -> FederatedData:
+    """Train/test split and the global label set, identical in every process."""
+    return _load(_data_key(cfg))
+
+
+def num_partitions(cfg: FedConfig) -> int:
+    if cfg.partition_by:
+        train = load_federation(cfg).train
+        check_columns(train, cfg.data or "synthetic data", cfg.partition_by)
+        return int(train[cfg.partition_by].nunique())
+    return cfg.num_clients
+
+
+def _partitioner(cfg: FedConfig):
+    if cfg.partition_by:
+        return NaturalIdPartitioner(partition_by=cfg.partition_by)
+    if cfg.dirichlet_alpha is not None:
+        return DirichletPartitioner(
+            num_partitions=cfg.num_clients, partition_by="label", alpha=cfg.dirichlet_alpha,
+            min_partition_size=0, self_balancing=True, seed=cfg.seed,
+        )
+    return IidPartitioner(num_partitions=cfg.num_clients)
+
+
+@lru_cache(maxsize=4)
+def _partitioner_for(cfg_key: str, part_key: str):
+    cfg = FedConfig.from_run_config(json.loads(cfg_key) | json.loads(part_key))
+    train = load_federation(cfg).train
+    if cfg.partition_by:
+        check_columns(train, cfg.data or "synthetic data", cfg.partition_by)
+    partitioner = _partitioner(cfg)
+    partitioner.dataset = Dataset.from_pandas(train.astype({c: str for c in train.columns if c != "label"}), preserve_index=False)
+    return partitioner
+
+
+def client_partition(cfg: FedConfig, partition_id: int) -> pd.DataFrame:
+    key = json.dumps({"partition_by": cfg.partition_by, "partition": cfg.partition}, sort_keys=True)
+    partitioner = _partitioner_for(_data_key(cfg), key)
+    if not 0 <= partition_id < partitioner.num_partitions:
+        raise FedLoraError(f"partition {partition_id} does not exist ({partitioner.num_partitions} partitions)")
+    part = partitioner.load_partition(partition_id).to_pandas()
+    if part.empty:
+        raise FedLoraError(f"partition {partition_id} is empty: use fewer clients or a larger Dirichlet alpha")
+    return part
+
+
+def encode(df: pd.DataFrame, labels: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "data") -> TensorDataset:
+    index = {name: i for i, name in enumerate(labels)}
+    unknown = sorted(set(df["label"].map(str)) - set(index))
+    if unknown:
+        raise FedLoraError(f"{source} has labels outside the federation's label set {labels}: {', '.join(unknown[:5])}")
+    enc = tokenizer(list(df["text"].astype(str)), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    y = torch.tensor([index[str(v)] for v in df["label"]], dtype=torch.long)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], y)

@@ -1,0 +1,102 @@
+"""LoRA adapters with peft: which tensors train, which travel, how they are saved.
+
+FFA-LoRA (Sun et al., ICLR 2024): A is drawn from the run seed, identical at every
+client and the server, and frozen; only B (and the task head) trains and is exchanged.
+Averaging B then averages the weight updates B·A exactly, and DP noise on B is not
+multiplied by a second noisy factor.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from shared.config import FedConfig
+from shared.models import load_base_model
+
+_DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+}
+
+
+def target_modules(model: PreTrainedModel, cfg: FedConfig) -> list[str] | None:
+    if cfg.lora_targets:
+        return [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    return _DEFAULT_TARGETS.get(model.config.model_type)
+
+
+def attach_lora(model: PreTrainedModel, cfg: FedConfig) -> PeftModel:
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules(model, cfg),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        peft_model = get_peft_model(model, config)
+    if cfg.lora == "ffa":
+        for name, param in peft_model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    for name, param in peft_model.named_parameters():
+        if "embeddings" in name:  # Opacus has no grad sampler for embeddings
+            param.requires_grad_(False)
+    return peft_model
+
+
+def build_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    base, tokenizer = load_base_model(cfg.model, num_labels, cfg.seed)
+    return attach_lora(base, cfg), tokenizer
+
+
+@lru_cache(maxsize=2)
+def _cached(key: tuple) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    cfg = FedConfig(**dict(key[0]))
+    model, tokenizer = build_model(cfg, key[1])
+    model.fedlora_initial_state = trainable_state(model)
+    return model, tokenizer
+
+
+def cached_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
+    """One base model per process, reused by every virtual client it serves.
+
+    Safe because each round overwrites every trainable tensor from the global adapter
+    before training; only the model-defining settings key the cache. The freshly
+    initialised adapter stays available as `model.fedlora_initial_state`.
+    """
+    keys = ("model", "lora", "lora_rank", "lora_alpha", "lora_targets", "seed")
+    return _cached((tuple((k, getattr(cfg, k)) for k in keys), num_labels))
+
+
+def trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
+    """Exactly the tensors that train, hence exactly the tensors that travel."""
+    return {
+        name: param.detach().cpu().numpy().copy()
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter tensors do not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(torch.from_numpy(np.asarray(value)))
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """PEFT format: adapter_config.json + adapter_model.safetensors, loadable by PeftModel.from_pretrained."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)

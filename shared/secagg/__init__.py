@@ -1,0 +1,1 @@
+"""Secure aggregation primitives (SecAgg+-style) shared by server workflow and client mod."""

@@ -1,0 +1,289 @@
+"""Benchmark: secure aggregation vs plain FedAvg, and our masks vs flwr's ``pseudo_rand_gen``.
+
+Runs the real server workflow (``server.secure_aggregation``) against the real client mod
+(``client.secagg_mod``) through :class:`InProcessGrid`, a Grid whose ``send_and_receive``
+hands each message to the destination node's mod with that node's own Context. The local
+"training" is a stub that returns global + a fixed random delta, so the table isolates the
+aggregation cost: the ratio is the worst case (real training makes it approach 1).
+
+    python -m simulations.bench_secagg [--params 150000] [--clients 10 50 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.secagg_mod import secagg_mod
+from server.secure_aggregation import SecAggConfig, resolve_neighbours, secure_aggregate
+from shared.secagg import masks
+from shared.secagg.protocol import RECORD
+
+
+def ensure_task_identity() -> None:
+    """Message() needs the ServerApp's identity; outside a real run we play the SuperLink (node 1)."""
+    for attr, val in (("run_id", 1), ("node_id", 1), ("task_id", 1)):
+        try:
+            getattr(TaskIdentity, attr)
+        except RuntimeError:
+            setattr(TaskIdentity, attr, val)
+
+
+TrainFn = Callable[[Message, Context], Message]
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to its node's ``mod(msg, context, train)`` and returns the replies.
+
+    ``drop(stage, node) -> bool`` makes a node silently miss a stage; ``on_deliver`` and
+    ``on_reply`` can rewrite messages in flight (tamper/replay/impersonation tests);
+    ``replies`` records everything the server received.
+    """
+
+    def __init__(self, trains: dict[int, TrainFn], mod=secagg_mod):
+        ensure_task_identity()
+        self.trains = trains
+        self.mod = mod
+        self.contexts = {nid: Context(1, nid, {}, RecordDict(), {}) for nid in trains}
+        self.drop: Callable[[str | None, int], bool] = lambda stage, nid: False
+        self.on_deliver: Callable[[Message], Message] = lambda m: m
+        self.on_reply: Callable[[Message], Message] = lambda m: m
+        self.replies: list[Message] = []
+        self.client_seconds = 0.0
+
+    def set_run(self, run) -> None:  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return list(self.trains)
+
+    def push_messages(self, messages):  # noqa: D102
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # noqa: D102
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        out = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            nid = msg.metadata.dst_node_id
+            rec = msg.content.config_records.get(RECORD) if msg.has_content() else None
+            stage = rec.get("stage") if rec is not None else None
+            if nid not in self.trains or self.drop(stage, nid):
+                continue
+            # A private copy, as after real serialisation: flwr's mod mutates records in place.
+            delivered = self.on_deliver(Message(content=copy.deepcopy(msg.content), metadata=msg.metadata))
+            t0 = time.perf_counter()
+            try:
+                reply = self.mod(delivered, self.contexts[nid], self.trains[nid])
+            except Exception as exc:  # Flower turns a ClientApp exception into an error reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            self.client_seconds += time.perf_counter() - t0
+            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            reply = self.on_reply(reply)
+            self.replies.append(reply)
+            out.append(reply)
+        return out
+
+
+def make_train(delta: dict[str, np.ndarray] | None, num_examples: int, *, declined: bool = False) -> TrainFn:
+    """A ClientApp train stub replying with global + ``delta`` and the contract's metrics."""
+
+    def train(msg: Message, context: Context) -> Message:
+        metrics = {"num-examples": 0 if declined else num_examples, "epsilon": 1.0, "delta": 1e-5,
+                   "declined": int(declined), "train-loss": 0.5, "partition-id": context.node_id,
+                   "update-bound": float("inf")}
+        if declined:
+            arrays = ArrayRecord()
+        else:
+            g = msg.content.array_records["arrays"]
+            arrays = ArrayRecord({k: Array((a.numpy() + delta[k]).astype(np.float32)) for k, a in g.items()})
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return train
+
+
+def train_messages(nodes: list[int], global_arrays: ArrayRecord, server_round: int = 1) -> list[Message]:
+    ensure_task_identity()
+    return [
+        Message(RecordDict({"arrays": global_arrays, "config": ConfigRecord({"server-round": server_round})}),
+                dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(server_round))
+        for nid in nodes
+    ]
+
+
+def plain_fedavg(grid: Grid, global_arrays: ArrayRecord, msgs: list[Message]) -> ArrayRecord:
+    """Reference FedAvg over the same grid: what the app does without secure aggregation."""
+    replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
+    total, acc = 0, None
+    for r in replies:
+        w = int(r.content["metrics"]["num-examples"])
+        if w == 0:
+            continue
+        arrs = [a.numpy().astype(np.float64) for a in r.content["arrays"].values()]
+        acc = [x * w for x in arrs] if acc is None else [s + x * w for s, x in zip(acc, arrs)]
+        total += w
+    if acc is None:
+        return global_arrays
+    return ArrayRecord({k: Array((s / total).astype(np.float32)) for k, s in zip(global_arrays.keys(), acc)})
+
+
+def adapter(n_params: int, rng: np.random.Generator) -> ArrayRecord:
+    """A LoRA-like set of tensors totalling ``n_params`` float32 values."""
+    shapes, left, i = {}, n_params, 0
+    while left > 0:
+        size = min(left, 384 * 64)
+        shapes[f"layer{i}.lora_B"] = (size // 64, 64) if size % 64 == 0 else (size,)
+        left -= size
+        i += 1
+    return ArrayRecord({k: Array((rng.standard_normal(s) * 0.02).astype(np.float32)) for k, s in shapes.items()})
+
+
+def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator) -> tuple[float, float]:
+    g = adapter(n_params, rng)
+    deltas = {k: (rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for k, a in g.items()}
+    nodes = list(range(100, 100 + n))
+    grid = InProcessGrid({nid: make_train(deltas, 100 + nid) for nid in nodes})
+    msgs = train_messages(nodes, g)
+    t0 = time.perf_counter()
+    if secure:
+        res = secure_aggregate(grid, g, msgs, SecAggConfig())
+        assert res.error is None, res.error
+    else:
+        plain_fedavg(grid, g, msgs)
+    wall = time.perf_counter() - t0
+    return wall, grid.client_seconds
+
+
+def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> float:
+    """flwr's own SecAggPlusWorkflow + secaggplus_mod on the same in-process grid and workload.
+
+    ``num_shares`` is our k + 1 made odd (flwr needs odd), threshold 2/3 of the shares.
+    """
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WKey
+
+    g = adapter(n_params, rng)
+    deltas = [(rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for a in g.values()]
+    nodes = list(range(100, 100 + n))
+
+    def make(nid: int) -> TrainFn:
+        def train(msg: Message, context: Context) -> Message:
+            fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+            from flwr.common import parameters_to_ndarrays
+            arrs = [a + d for a, d in zip(parameters_to_ndarrays(fitins.parameters), deltas)]
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrs), 100 + nid, {})
+            return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+        return train
+
+    grid = InProcessGrid({nid: make(nid) for nid in nodes}, mod=secaggplus_mod)
+    cm = SimpleClientManager()
+    for nid in nodes:
+        cm.register(GridClientProxy(nid, grid, 1))
+    ctx = LegacyContext(Context(1, 1, {}, RecordDict(), {}),
+                        strategy=FedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n),
+                        client_manager=cm)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([a.numpy() for a in g.values()]), keep_input=True)
+    shares = resolve_neighbours(None, n) + 1
+    shares += 1 - shares % 2
+    wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
+                            reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
+    t0 = time.perf_counter()
+    wf(grid, ctx)
+    return time.perf_counter() - t0
+
+
+def mask_throughput(n_params: int, reps: int = 5) -> tuple[float, float]:
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    nbytes = n_params * 8
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        masks.mask(os.urandom(32), n_params, 64)
+    ours = reps * nbytes / (time.perf_counter() - t0) / 1e6
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        pseudo_rand_gen(os.urandom(32), 1 << 32, [(n_params,)])
+    theirs = reps * nbytes / (time.perf_counter() - t0) / 1e6
+    return ours, theirs
+
+
+def flwr_mask_cost(n: int, n_params: int) -> float:
+    """flwr SecAgg+ mask work for one round: per client 1 self + k pairwise masks, and the
+    server regenerating n self masks, all via ``pseudo_rand_gen`` (k as in our round)."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    k = resolve_neighbours(None, n)
+    shape = [(n_params,)]
+    t0 = time.perf_counter()
+    for _ in range(n * (k + 1) + n):
+        pseudo_rand_gen(os.urandom(32), 1 << 32, shape)
+    return time.perf_counter() - t0
+
+
+def ours_mask_cost(n: int, n_params: int) -> float:
+    k = resolve_neighbours(None, n)
+    acc = np.zeros(n_params + 1, dtype=np.uint64)
+    t0 = time.perf_counter()
+    for _ in range(n * (k + 1) + n):
+        masks.add_mask(acc, os.urandom(32), 64)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--params", type=int, default=150_000, help="adapter size (minilm FFA-LoRA ~150k)")
+    ap.add_argument("--large-params", type=int, default=1_000_000)
+    ap.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
+    ap.add_argument("--large-clients", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--skip-flwr", action="store_true", help="skip flwr's full SecAgg+ round")
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
+    print(f"{'clients':>7} {'params':>9} {'k':>3} {'plain s':>8} {'ours s':>8} {'ratio':>6} "
+          f"{'flwr s':>8} {'ratio':>6} {'ours client s/node':>18} {'ours server s':>13} "
+          f"{'ours masks s':>12} {'flwr masks s':>12}")
+    for n, p in rows:
+        plain, _ = _round(n, p, False, rng)
+        sec, client = _round(n, p, True, rng)
+        flwr_full = flwr_secaggplus_round(n, p, rng) if not args.skip_flwr else math.nan
+        ours_m = ours_mask_cost(n, p)
+        flwr_m = flwr_mask_cost(n, p)
+        print(f"{n:>7} {p:>9} {resolve_neighbours(None, n):>3} {plain:>8.3f} {sec:>8.3f} {sec / plain:>6.2f} "
+              f"{flwr_full:>8.3f} {flwr_full / plain:>6.2f} {client / n:>18.4f} {sec - client:>13.3f} "
+              f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
+    ours, theirs = mask_throughput(args.params)
+    print(f"\nmask generation throughput ({args.params} uint64 elements): ours ChaCha20 {ours:,.0f} MB/s, "
+          f"flwr pseudo_rand_gen {theirs:,.0f} MB/s ({ours / theirs:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""`fedlora simulate`: many virtual clients on one machine with Flower's simulation engine (Ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from client.client_app import app as client_app
+from shared.config import FedConfig
+from client.privacy import plan_privacy
+from shared.data import client_partition, load_federation, num_partitions
+from shared.lora import cached_model
+
+
+def preflight(cfg: FedConfig) -> int:
+    """Check everything a client would trip on, here, before Ray starts: bad files and
+    columns, empty partitions, partitions too small for DP, unmeetable budgets, unknown
+    models. Returns the number of virtual clients."""
+    fed = load_federation(cfg)
+    num_nodes = num_partitions(cfg)
+    for pid in range(num_nodes):
+        part = client_partition(cfg, pid)
+        if cfg.dp:
+            plan_privacy(cfg, len(part))
+    cached_model(cfg, len(fed.labels))
+    return num_nodes
+
+
+def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = False) -> dict:
+    """Run the federation and return the summary written to `cfg.output/summary.json`."""
+    from flwr.simulation import run_simulation
+
+    from server.server_app import run_server
+
+    console = console or Console()
+    num_nodes = preflight(cfg)
+    reports, failures = [], []
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        try:
+            reports.append(run_server(grid, cfg, console))
+        except Exception as exc:  # re-raised in the caller's thread, not lost in Flower's
+            failures.append(exc)
+            raise
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    backend_config = {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
+    }
+    run_simulation(
+        server_app=server_app, client_app=client_app,
+        num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
+    )
+    if failures:
+        raise failures[0]
+    if not reports:
+        raise RuntimeError("the simulation ended before the server finished; rerun with --verbose for Flower's logs")
+    return reports[0].summary()

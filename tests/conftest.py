@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from shared.config import FedConfig  # noqa: E402
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path) -> FedConfig:
+    """A 3-brand synthetic federation on a random-weight 2-layer BERT."""
+    return FedConfig(model="tiny-bert", brands=3, num_clients=3, examples_per_brand=64, test_size=60,
+                     rounds=2, batch_size=16, lr=5e-3, max_length=32, output=str(tmp_path / "run"))

@@ -1,0 +1,65 @@
+"""Only adapter tensors travel, and FFA-LoRA averaging is exact."""
+
+import numpy as np
+import torch
+
+from shared.lora import build_model, load_trainable_state, trainable_state
+
+
+def test_exchanged_tensors_are_exactly_the_trainable_adapter_and_head(tiny_cfg):
+    model, _ = build_model(tiny_cfg, 2)
+    state = trainable_state(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(state) == trainable
+    assert all(("lora_B" in n) or ("modules_to_save" in n) for n in state), sorted(state)
+    assert not any("lora_A" in n for n in state)  # FFA: A stays home, fixed by the seed
+    base = {n for n, _ in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n}
+    assert base and not base & set(state)
+    assert sum(v.size for v in state.values()) < 0.1 * sum(p.numel() for p in model.parameters())
+
+
+def test_plain_lora_exchanges_a_and_b(tiny_cfg):
+    model, _ = build_model(tiny_cfg.replace(lora="plain"), 2)
+    names = set(trainable_state(model))
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+
+
+def test_every_process_builds_the_same_frozen_a_and_head(tiny_cfg):
+    m1, _ = build_model(tiny_cfg, 2)
+    m2, _ = build_model(tiny_cfg, 2)
+    p1, p2 = dict(m1.named_parameters()), dict(m2.named_parameters())
+    for name in p1:
+        assert torch.equal(p1[name], p2[name]), name
+    other, _ = build_model(tiny_cfg.replace(seed=1), 2)
+    a_name = next(n for n in p1 if "lora_A" in n)
+    assert not torch.equal(p1[a_name], dict(other.named_parameters())[a_name])
+
+
+def test_ffa_fedavg_of_b_equals_mean_of_weight_updates(tiny_cfg):
+    model, _ = build_model(tiny_cfg, 2)
+    params = dict(model.named_parameters())
+    b_names = [n for n in trainable_state(model) if "lora_B" in n]
+    rng = np.random.default_rng(0)
+    clients = [{n: rng.normal(size=params[n].shape).astype(np.float32) for n in b_names} for _ in range(4)]
+    weights = np.array([10, 20, 30, 40], dtype=np.float64)
+    for name in b_names:
+        a = params[name.replace("lora_B", "lora_A")].detach().numpy().astype(np.float64)
+        avg_b = sum(w * c[name] for w, c in zip(weights, clients)) / weights.sum()
+        mean_update = sum(w * (c[name].astype(np.float64) @ a) for w, c in zip(weights, clients)) / weights.sum()
+        np.testing.assert_allclose(avg_b @ a, mean_update, rtol=1e-9, atol=1e-9)
+    # and plain LoRA is not exact: averaging A and B separately differs from averaging B·A
+    a_clients = [rng.normal(size=(2, 8)) for _ in range(2)]
+    b_clients = [rng.normal(size=(8, 2)) for _ in range(2)]
+    assert not np.allclose(np.mean(b_clients, 0) @ np.mean(a_clients, 0), np.mean([b @ a for b, a in zip(b_clients, a_clients)], 0))
+
+
+def test_load_trainable_state_rejects_foreign_tensors(tiny_cfg):
+    model, _ = build_model(tiny_cfg, 2)
+    state = trainable_state(model)
+    state["base_model.model.bert.pooler.dense.weight"] = np.zeros((32, 32), np.float32)
+    try:
+        load_trainable_state(model, state)
+    except ValueError as exc:
+        assert "unexpected" in str(exc)
+    else:
+        raise AssertionError("a base tensor was accepted as an adapter tensor")

@@ -1,0 +1,113 @@
+"""Epsilon composes over every round, never resets, and an exhausted client declines."""
+
+import json
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from opacus.accountants import RDPAccountant
+
+from client.client_app import LEDGER_KEY, train
+from client.privacy import PrivacyLedger, plan_privacy
+from client.trainer import train_local
+from shared.data import SYNTHETIC_LABELS, client_partition, encode
+from shared.errors import FedLoraError
+from shared.lora import build_model, trainable_state
+from shared.params import to_record
+from simulations.bench_secagg import ensure_task_identity
+
+
+def _dataset(cfg, pid=0):
+    model, tok = build_model(cfg, 2)
+    return model, encode(client_partition(cfg, pid), SYNTHETIC_LABELS, tok, cfg.max_length)
+
+
+def test_epsilon_after_two_rounds_is_the_accountants_epsilon_for_the_combined_history(tiny_cfg):
+    model, ds = _dataset(tiny_cfg)
+    plan = plan_privacy(tiny_cfg, len(ds))
+    ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
+    train_local(model, ds, tiny_cfg, ledger, plan, server_round=1)
+    eps1 = ledger.epsilon()
+    ledger = PrivacyLedger.from_json(ledger.to_json())  # carried between rounds as the ClientApp is rebuilt
+    train_local(model, ds, tiny_cfg, ledger, plan, server_round=2)
+    eps2 = ledger.epsilon()
+
+    reference = RDPAccountant()
+    for _ in range(2 * plan.steps_per_round):
+        reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    assert eps2 == pytest.approx(reference.get_epsilon(tiny_cfg.delta), rel=1e-9)
+    assert eps2 > eps1 > 0
+    assert eps2 <= tiny_cfg.target_epsilon * (1 + 1e-6)  # calibrated over all planned rounds
+    assert ledger.rounds_trained == [1, 2]
+
+
+def test_what_if_queries_never_change_the_recorded_spend(tiny_cfg):
+    ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
+    plan = plan_privacy(tiny_cfg, 64)
+    for _ in range(3):
+        ledger.epsilon_after(plan)
+        ledger.can_train(plan)
+    assert ledger.epsilon() == 0.0 and ledger.accountant().history == []
+
+
+def _train_message(cfg, model, server_round):
+    ensure_task_identity()
+    config = ConfigRecord(cfg.replace(labels=json.dumps(SYNTHETIC_LABELS)).to_run_config() | {"server-round": server_round})
+    return Message(RecordDict({"arrays": to_record(trainable_state(model)), "config": config}), dst_node_id=1, message_type="train")
+
+
+def _context(node_config, state=None):
+    return Context(run_id=1, node_id=1, node_config=node_config, state=state or RecordDict(), run_config={})
+
+
+def test_client_app_composes_across_rounds_and_declines_when_budget_is_spent(tiny_cfg, tmp_path):
+    model, _ = build_model(tiny_cfg, 2)
+    ctx = _context({"partition-id": 0, "num-partitions": 3})
+    eps = []
+    for rnd in (1, 2):
+        reply = train(_train_message(tiny_cfg, model, rnd), ctx)
+        metrics = reply.content["metrics"]
+        assert metrics["declined"] == 0
+        eps.append(metrics["epsilon"])
+    assert eps[1] > eps[0]
+    assert LEDGER_KEY in ctx.state.config_records
+    ledger_file = tmp_path / "run" / "ledgers" / "partition-0000.json"
+    assert json.loads(ledger_file.read_text())["rounds_trained"] == [1, 2]
+
+    # both planned rounds are spent: a third round would exceed the target, so the client declines
+    reply = train(_train_message(tiny_cfg, model, 3), _context({"partition-id": 0, "num-partitions": 3}))
+    metrics = reply.content["metrics"]
+    assert metrics["declined"] == 1 and metrics["num-examples"] == 0
+    assert len(reply.content["arrays"]) == 0
+    assert metrics["epsilon"] == pytest.approx(eps[1])
+    assert metrics["epsilon-next"] > tiny_cfg.target_epsilon
+    assert json.loads(ledger_file.read_text())["rounds_trained"] == [1, 2]  # declining spends nothing
+
+
+def test_dp_step_changes_adapter_weights_and_leaves_no_hooks(tiny_cfg):
+    """opacus#820 (optimizer steps stale tensors) and opacus#608 (hooks stack per round)."""
+    model, ds = _dataset(tiny_cfg)
+    plan = plan_privacy(tiny_cfg, len(ds))
+    ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    for rnd in (1, 2):
+        before = trainable_state(model)
+        train_local(model, ds, tiny_cfg, ledger, plan, server_round=rnd)
+        after = trainable_state(model)
+        changed = [n for n in before if not (before[n] == after[n]).all()]
+        assert set(changed) == set(before), f"round {rnd}: unchanged adapter tensors {set(before) - set(changed)}"
+        hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+        assert hooks == 0, f"round {rnd}: {hooks} Opacus hooks left on the shared model"
+        assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+    for n, p in model.named_parameters():
+        if n in base_before:
+            assert torch.equal(p, base_before[n]), f"frozen base tensor {n} moved"
+
+
+def test_bad_privacy_requests_are_refused(tiny_cfg):
+    with pytest.raises(FedLoraError, match="fewer than the DP batch size"):
+        plan_privacy(tiny_cfg, tiny_cfg.batch_size - 1)
+    with pytest.raises(FedLoraError, match="must be below 1/N"):
+        plan_privacy(tiny_cfg.replace(delta=0.05), 64)
+    with pytest.raises(FedLoraError, match="epsilon target cannot be met"):
+        plan_privacy(tiny_cfg.replace(target_epsilon=1e-4, rounds=50), 64)

@@ -1,0 +1,150 @@
+"""Unit tests for the secure-aggregation primitives: masks, share encryption, Shamir, quantization."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from shared.secagg import crypto, masks, shamir
+from shared.secagg.quantize import QuantizationOverflow, choose_format, decode_sum, encode
+
+
+def chi2_uniform_pvalue(vec: np.ndarray, bits: int, bins: int = 256) -> float:
+    """Chi-square p-value of ``vec`` over Z_{2^bits}, binned on the top and the bottom 8 bits."""
+    v = vec.astype(np.uint64)
+    top = (v >> np.uint64(bits - 8)) & np.uint64(0xFF)
+    low = v & np.uint64(0xFF)
+    pvals = [stats.chisquare(np.bincount(x.astype(np.int64), minlength=bins)).pvalue for x in (top, low)]
+    return min(pvals)
+
+
+def test_mask_is_uniform_and_chi2_detects_nonuniform():
+    m = masks.mask(os.urandom(32), 20_000, 64)
+    assert chi2_uniform_pvalue(m, 64) > 1e-4
+    skewed = np.random.default_rng(0).integers(0, 1 << 62, 20_000, dtype=np.uint64)
+    assert chi2_uniform_pvalue(skewed, 64) < 1e-10
+
+
+def test_masks_use_the_full_256_bit_key_unlike_flwr_pseudo_rand_gen():
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    k1 = bytearray(os.urandom(32))
+    k2 = bytearray(k1)
+    # Flip the same bits in words 0 and 1: the 32-bit XOR fold of the key is unchanged.
+    for word in (0, 1):
+        x = struct.unpack_from("<I", k2, 4 * word)[0] ^ 0xDEADBEEF
+        struct.pack_into("<I", k2, 4 * word, x)
+    k1, k2 = bytes(k1), bytes(k2)
+    assert k1 != k2
+    f1, f2 = (pseudo_rand_gen(k, 1 << 32, [(1000,)])[0] for k in (k1, k2))
+    assert np.array_equal(f1, f2), "flwr's generator folds the key to 32 bits"
+    o1, o2 = masks.mask(k1, 1000, 64), masks.mask(k2, 1000, 64)
+    assert not np.array_equal(o1, o2)
+    assert np.mean(o1 == o2) < 0.01
+
+
+def test_mask_reduction_for_small_rings():
+    m = masks.mask(os.urandom(32), 5000, 20)
+    assert m.dtype == np.uint32 and int(m.max()) < (1 << 20)
+    acc = np.zeros(5000, dtype=np.uint32)
+    seed = os.urandom(32)
+    masks.add_mask(acc, seed, 20, +1)
+    masks.add_mask(acc, seed, 20, -1)
+    assert not acc.any()
+
+
+def _ct(**over):
+    key = os.urandom(32)
+    args = dict(sid=b"s" * 16, rnd=3, src=11, dst=12)
+    ct = crypto.encrypt_share(key, b"share-bytes", **args)
+    return key, ct, args
+
+
+def test_share_roundtrip():
+    key, ct, args = _ct()
+    assert crypto.decrypt_share(key, ct, **args) == b"share-bytes"
+
+
+@pytest.mark.parametrize("field,value", [("sid", b"t" * 16), ("rnd", 4), ("src", 13), ("dst", 11)])
+def test_share_bound_to_session_round_sender_receiver(field, value):
+    key, ct, args = _ct()
+    with pytest.raises(crypto.ShareDecryptionError):
+        crypto.decrypt_share(key, ct, **(args | {field: value}))
+
+
+def test_tampered_share_rejected():
+    key, ct, args = _ct()
+    for pos in (0, 12, len(ct) - 1):
+        bad = bytearray(ct)
+        bad[pos] ^= 1
+        with pytest.raises(crypto.ShareDecryptionError):
+            crypto.decrypt_share(key, bytes(bad), **args)
+
+
+def test_key_agreement_and_derivation_symmetric():
+    a, b = crypto.generate_keypair(), crypto.generate_keypair()
+    sab, sba = crypto.agree(a.private, b.public), crypto.agree(b.private, a.public)
+    assert sab == sba
+    assert crypto.pair_mask_seed(sab, b"x" * 16, 1, 5, 9) == crypto.pair_mask_seed(sba, b"x" * 16, 1, 9, 5)
+    assert crypto.pair_mask_seed(sab, b"x" * 16, 1, 5, 9) != crypto.pair_mask_seed(sab, b"x" * 16, 2, 5, 9)
+    assert crypto.public_from_private(a.private) == a.public
+
+
+def test_shamir_threshold():
+    secret = os.urandom(32)
+    shares = shamir.split(secret, 3, 5)
+    assert shamir.combine(shares[1:4], 3) == secret
+    assert shamir.combine([shares[4], shares[0], shares[2]], 3) == secret
+    assert shamir.combine(shares[:2] + shares[:2], 2) != secret
+    with pytest.raises(ValueError):
+        shamir.combine(shares[:2], 3)
+
+
+def test_quantize_roundtrip_within_bound():
+    rng = np.random.default_rng(1)
+    fmt = choose_format(3, max_weight=1000, clip=1.0)
+    deltas = [rng.uniform(-1, 1, 1000) for _ in range(3)]
+    weights = [10, 1000, 0]
+    acc = np.zeros(1001, dtype=fmt.dtype)
+    for d, w in zip(deltas, weights):
+        acc += encode(d, w, fmt)
+    wsum, total = decode_sum(acc, fmt, 3)
+    assert total == 1010
+    exact = sum(w * d for d, w in zip(deltas, weights)) / total
+    assert np.max(np.abs(wsum / total - exact)) <= fmt.error_bound(3, total)
+
+
+def test_quantize_picks_ring_from_clients_and_weights():
+    assert choose_format(4, max_weight=8, clip=1.0).bits == 32
+    assert choose_format(50, max_weight=1 << 20, clip=64.0).bits == 64
+    f10, f100 = choose_format(10), choose_format(100)
+    assert f100.scale < f10.scale, "more clients need more headroom"
+    with pytest.raises(ValueError):
+        choose_format(1000, max_weight=1 << 20, clip=64.0, bits=32)
+
+
+@pytest.mark.parametrize("delta,weight", [
+    (np.array([0.0, 65.0]), 1),          # beyond the clip range
+    (np.array([0.0, np.nan]), 1),
+    (np.array([0.0, np.inf]), 1),
+    (np.array([0.0, 1.0]), (1 << 20) + 1),  # weight above the declared cap
+    (np.array([0.0, 1.0]), -1),
+])
+def test_overflow_raises_instead_of_wrapping(delta, weight):
+    with pytest.raises(QuantizationOverflow):
+        encode(delta, weight, choose_format(10))
+
+
+def test_decode_flags_impossible_total_weight():
+    fmt = choose_format(2, max_weight=10, clip=1.0)
+    acc = encode(np.ones(4) * 0.5, 10, fmt) + encode(np.ones(4) * 0.5, 10, fmt) + encode(np.ones(4), 10, fmt)
+    with pytest.raises(QuantizationOverflow):
+        decode_sum(acc, fmt, 2)

@@ -1,0 +1,335 @@
+"""End-to-end protocol tests: the real server workflow against the real client mod.
+
+:class:`InProcessGrid` hands every message to the destination node's ``secagg_mod`` with that
+node's own Context; the only stand-in is local training, which returns global + a given delta.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+import client.secagg_mod as mod
+import server.secure_aggregation as sa
+from server.secure_aggregation import SecAggConfig, secure_aggregate
+from shared.secagg.protocol import RECORD, Key, Stage
+from simulations.bench_secagg import InProcessGrid, make_train, train_messages
+from test_secagg_primitives import chi2_uniform_pvalue
+
+
+def setup_round(n, n_params=2_000, seed=0, declined=(), big=None, base_id=1000):
+    rng = np.random.default_rng(seed)
+    shapes = {"q.lora_B": (n_params // 4 // 8, 8), "v.lora_B": (n_params - n_params // 4 // 8 * 8,)}
+    g = ArrayRecord({k: Array((rng.standard_normal(s) * 0.05).astype(np.float32)) for k, s in shapes.items()})
+    nodes = [base_id + 7 * i for i in range(n)]
+    deltas, weights = {}, {}
+    for i, nid in enumerate(nodes):
+        deltas[nid] = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
+        if nid == big:
+            deltas[nid]["v.lora_B"][0] = 1e4
+        weights[nid] = int(rng.integers(1, 5000))
+    trains = {nid: make_train(deltas[nid], weights[nid], declined=nid in declined) for nid in nodes}
+    return g, nodes, deltas, weights, InProcessGrid(trains)
+
+
+def expected_fedavg(g, nodes, deltas, weights, declined=()):
+    total = sum(weights[n] for n in nodes if n not in declined)
+    out = {}
+    for k, a in g.items():
+        ga = a.numpy().astype(np.float64)
+        if total == 0:
+            out[k] = ga
+            continue
+        acc = np.zeros_like(ga)
+        for n in nodes:
+            if n in declined:
+                continue
+            local = (a.numpy() + deltas[n][k]).astype(np.float32).astype(np.float64)
+            acc += weights[n] * (local - ga)
+        out[k] = ga + acc / total
+    return out
+
+
+def assert_matches(res, expected):
+    assert res.error is None, res.error
+    assert res.quantization_error < 1e-6
+    for k, exp in expected.items():
+        got = res.arrays[k].numpy()
+        assert got.dtype == np.float32 and got.shape == exp.shape
+        tol = res.quantization_error + np.spacing(np.abs(exp).astype(np.float32)).astype(np.float64)
+        assert np.all(np.abs(got.astype(np.float64) - exp) <= tol), np.max(np.abs(got - exp))
+
+
+@pytest.mark.parametrize("n", [3, 10, 50])
+def test_secure_aggregate_equals_fedavg(n):
+    declined = ()
+    if n >= 10:
+        declined = (1000 + 7 * 2,)
+    g, nodes, deltas, weights, grid = setup_round(n, n_params=4_000 if n == 50 else 10_000, seed=n, declined=declined)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert_matches(res, expected_fedavg(g, nodes, deltas, weights, declined))
+    assert res.dropped == []
+    assert len(res.metrics) == n
+    assert sorted(int(m["partition-id"]) for m in res.metrics) == nodes
+    assert any(int(m["declined"]) for m in res.metrics) == bool(declined)
+
+
+def test_all_declined_keeps_global():
+    g, nodes, deltas, weights, grid = setup_round(4, declined=tuple(1000 + 7 * i for i in range(4)))
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.error is None
+    for k, a in g.items():
+        assert np.array_equal(res.arrays[k].numpy(), a.numpy())
+
+
+def test_weight_mismatch_with_metrics_is_detected(monkeypatch):
+    g, nodes, deltas, weights, grid = setup_round(4)
+    real_encode = mod.encode
+    monkeypatch.setattr(mod, "encode", lambda d, w, fmt: real_encode(d, w + 1 if w else w, fmt))
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.arrays is None and "integrity" in res.error
+
+
+def test_masked_payload_is_uniform_over_the_ring():
+    g, nodes, deltas, weights, grid = setup_round(5, n_params=20_000, seed=3)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.error is None
+    payloads = [r.content.array_records[mod.MASKED_RECORD]["masked"].numpy()
+                for r in grid.replies if mod.MASKED_RECORD in r.content.array_records]
+    assert len(payloads) == 5
+    for p in payloads:
+        assert p.dtype == np.uint64 and p.size == 20_001
+        assert chi2_uniform_pvalue(p, 64) > 1e-5
+
+
+@pytest.mark.parametrize("stage", [Stage.UNMASK, Stage.COLLECT])
+def test_dropout_of_n_minus_t_with_complete_graph(stage):
+    n = 10
+    g, nodes, deltas, weights, grid = setup_round(n, seed=11)
+    gone = set(nodes[1:4])  # n - t = 10 - 7
+    grid.drop = lambda st, nid: st == stage and nid in gone
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(neighbours=n - 1))
+    contributors = nodes if stage == Stage.UNMASK else [x for x in nodes if x not in gone]
+    assert_matches(res, expected_fedavg(g, contributors, deltas, weights))
+    assert set(res.dropped) == (set() if stage == Stage.UNMASK else gone)  # dropped = not aggregated
+
+
+def test_dropout_with_sparse_graph():
+    n = 20
+    g, nodes, deltas, weights, grid = setup_round(n, seed=12)
+    victim = nodes[5]
+    grid.drop = lambda st, nid: st == Stage.COLLECT and nid == victim
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert_matches(res, expected_fedavg(g, [x for x in nodes if x != victim], deltas, weights))
+    assert res.dropped == [victim]
+
+
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.COLLECT, Stage.UNMASK])
+def test_too_few_survivors_fails_cleanly_and_next_round_proceeds(stage):
+    n = 10
+    g, nodes, deltas, weights, grid = setup_round(n, seed=13)
+    gone = set(nodes[:4])
+    grid.drop = lambda st, nid: st == stage and nid in gone
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(neighbours=n - 1))
+    assert res.arrays is None and res.error
+    if stage != Stage.UNMASK:
+        assert set(res.dropped) >= gone
+    grid.drop = lambda st, nid: False
+    res2 = secure_aggregate(grid, g, train_messages(nodes, g, server_round=2), SecAggConfig(neighbours=n - 1))
+    assert_matches(res2, expected_fedavg(g, nodes, deltas, weights))
+
+
+def test_unrecoverable_sparse_neighbourhood_fails_cleanly():
+    n = 12
+    g, nodes, deltas, weights, grid = setup_round(n, seed=14)
+    original = sa.random_regular_graph
+    graphs = []
+    monkey = lambda nodes_, k, rng=None: graphs.append(original(nodes_, k, rng)) or graphs[-1]
+    sa.random_regular_graph = monkey
+    try:
+        victim = nodes[0]
+        gone = {victim}
+        def drop(st, nid):
+            if st == Stage.COLLECT and not (len(gone) > 1):
+                gone.update(list(graphs[-1][victim])[:3])
+            return st == Stage.COLLECT and nid in gone
+        grid.drop = drop
+        res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(threshold=6))
+    finally:
+        sa.random_regular_graph = original
+    assert res.arrays is None and "unmask" in res.error
+
+
+def _collect_msgs_tamper(grid, node, fn):
+    def deliver(msg):
+        rec = msg.content.config_records.get(RECORD)
+        if rec is not None and rec[Key.STAGE] == Stage.COLLECT and msg.metadata.dst_node_id == node:
+            src, ct = list(rec[Key.SRC]), list(rec[Key.CT])
+            rec[Key.SRC], rec[Key.CT] = fn(src, ct)
+        return msg
+    grid.on_deliver = deliver
+
+
+def test_tampered_share_ciphertext_rejected_by_client():
+    g, nodes, deltas, weights, grid = setup_round(5, seed=15)
+    target = nodes[0]
+    def flip(src, ct):
+        bad = bytearray(ct[0]); bad[-1] ^= 0x01
+        return src, [bytes(bad)] + ct[1:]
+    _collect_msgs_tamper(grid, target, flip)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert_matches(res, expected_fedavg(g, nodes, deltas, weights))  # one share lost is tolerated
+    assert any(f"node {target} rejected shares" in w for w in res.warnings)
+
+
+def test_replayed_share_ciphertexts_rejected():
+    g, nodes, deltas, weights, grid = setup_round(4, seed=16)
+    target = nodes[1]
+    captured = {}
+    _collect_msgs_tamper(grid, target, lambda src, ct: (captured.setdefault("r1", (src, ct)), (src, ct))[1])
+    assert secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig()).error is None
+    old_src, old_ct = captured["r1"]
+    # Round 2: replay round-1 ciphertexts in place of fresh ones, and a duplicate within the round.
+    _collect_msgs_tamper(grid, target, lambda src, ct: ([old_src[0]] + src + [src[0]], [old_ct[0]] + ct + [ct[0]]))
+    res = secure_aggregate(grid, g, train_messages(nodes, g, server_round=2), SecAggConfig())
+    assert res.error is None
+    rejected = [r.content[RECORD][Key.REJECTED] for r in grid.replies[-20:]
+                if r.has_content() and r.content[RECORD].get(Key.STAGE) == Stage.COLLECT
+                and r.metadata.src_node_id == target]
+    assert len(rejected[-1]) == 2 and set(rejected[-1]) <= set(old_src) | set(nodes)
+
+
+def test_node_claiming_another_id_is_rejected():
+    g, nodes, deltas, weights, grid = setup_round(6, seed=17)
+    liar, victim = nodes[2], nodes[3]
+    def reply(msg):
+        if msg.metadata.src_node_id == liar and msg.has_content():
+            msg.content[RECORD][Key.NODE_ID] = victim
+        return msg
+    grid.on_reply = reply
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert_matches(res, expected_fedavg(g, [x for x in nodes if x != liar], deltas, weights))
+    assert res.dropped == [liar]
+    assert any("claimed node id" in w for w in res.warnings)
+
+
+def test_reply_with_forged_source_is_rejected():
+    g, nodes, deltas, weights, grid = setup_round(6, seed=18)
+    liar, victim = nodes[4], nodes[0]
+    def reply(msg):
+        if msg.metadata.src_node_id == liar:
+            msg.metadata.__dict__["_src_node_id"] = victim
+        return msg
+    grid.on_reply = reply
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert_matches(res, expected_fedavg(g, [x for x in nodes if x != liar], deltas, weights))
+    assert liar in res.dropped and victim not in res.dropped
+
+
+def test_client_refuses_misdelivered_or_out_of_order_messages():
+    g, nodes, deltas, weights, grid = setup_round(3, seed=19)
+    def deliver(msg):
+        rec = msg.content.config_records.get(RECORD)
+        if rec is not None and rec[Key.STAGE] == Stage.SHARE_KEYS and msg.metadata.dst_node_id == nodes[0]:
+            rec[Key.STAGE] = Stage.UNMASK
+        return msg
+    grid.on_deliver = deliver
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(threshold=2))
+    assert nodes[0] in res.dropped
+    assert any("not allowed after" in w for w in res.warnings)
+
+
+def test_server_never_holds_an_unmasked_individual_update(monkeypatch):
+    g, nodes, deltas, weights, grid = setup_round(6, n_params=3_000, seed=20, declined=(1000 + 7 * 5,))
+    quantized = []
+    real_encode = mod.encode
+    def spy_encode(delta, weight, fmt):
+        q = real_encode(delta, weight, fmt)
+        quantized.append(q.copy())
+        return q
+    monkeypatch.setattr(mod, "encode", spy_encode)
+
+    seen = []
+    class SpyAccumulator(sa.RingAccumulator):
+        def add_masked(self, node, vec):
+            seen.append(vec.copy())
+            super().add_masked(node, vec)
+            seen.append(self.value.copy())
+        def remove_mask(self, seed, sign):
+            super().remove_mask(seed, sign)
+            seen.append(self.value.copy())
+    monkeypatch.setattr(sa, "RingAccumulator", SpyAccumulator)
+
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.error is None and len(quantized) == 6
+    total = np.sum(quantized, axis=0, dtype=np.uint64)
+    assert np.array_equal(seen[-1], total), "instrumentation must see the unmasked aggregate"
+    for arr in seen[:-1]:
+        for q in quantized:
+            assert np.mean(arr == q) < 0.01
+    # Nothing else from clients carries an update: no float arrays, only masked ring vectors.
+    for r in grid.replies:
+        if not r.has_content():
+            continue
+        assert "arrays" not in r.content.array_records
+        for name, rec in r.content.array_records.items():
+            for arr in rec.values():
+                v = arr.numpy()
+                assert v.dtype == np.uint64
+                assert all(np.mean(v == q) < 0.01 for q in quantized)
+
+
+def test_update_outside_declared_bound_fails_round_instead_of_wrapping():
+    g, nodes, deltas, weights, grid = setup_round(5, seed=21, big=1000 + 7 * 3)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.arrays is None and "overflow" in res.error and "node 1021" in res.error
+    # With a declared bound large enough the same round succeeds.
+    res = secure_aggregate(grid, g, train_messages(nodes, g, 2), SecAggConfig(update_bound=2e4))
+    assert_matches(res, expected_fedavg(g, nodes, deltas, weights))
+
+
+def test_single_client_round_is_refused():
+    g, nodes, deltas, weights, grid = setup_round(1)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.arrays is None and res.error
+
+
+def test_non_secagg_messages_pass_through():
+    g, nodes, deltas, weights, grid = setup_round(1)
+    msg = train_messages(nodes, g)[0]
+    called = []
+    def nxt(m, c):
+        called.append(m)
+        return m
+    assert mod.secagg_mod(msg, grid.contexts[nodes[0]], nxt) is msg and called == [msg]
+
+
+def test_random_regular_graph_is_k_regular_and_simple():
+    for n, k in [(10, 4), (11, 4), (50, 6), (7, 6), (12, 5)]:
+        g = sa.random_regular_graph(list(range(n)), k)
+        assert all(len(v) == k and i not in v for i, v in g.items())
+        assert all(i in g[j] for i, v in g.items() for j in v)
+    assert sa.resolve_neighbours(None, 3) == 2 and sa.resolve_neighbours(None, 50) == 6
+    assert sa.resolve_neighbours(None, 11) == 4 and sa.resolve_neighbours(5, 11) == 6
+    assert sa.resolve_threshold(None, 10) == 7 and sa.resolve_threshold(0.5, 10) == 5
+    assert sa.resolve_threshold(None, 2) == 2
+
+
+def test_through_a_real_flower_clientapp():
+    from flwr.clientapp import ClientApp
+
+    g, nodes, deltas, weights, grid = setup_round(4, seed=22)
+    apps = {}
+    for nid in nodes:
+        app = ClientApp(mods=[mod.secagg_mod])
+        app.train()(grid.trains[nid])
+        apps[nid] = app
+    grid.mod = lambda msg, ctx, _train: apps[ctx.node_id](msg, ctx)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert_matches(res, expected_fedavg(g, nodes, deltas, weights))
