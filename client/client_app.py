@@ -9,21 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict, ArrayRecord
 from flwr.clientapp import ClientApp
 
-from client.local_data import client_frame
-from client.privacy import PrivacyLedger, plan_privacy
-from client.trainer import train_local
+from client.secagg_mod import secagg_mod
 from shared.config import FedConfig
-from shared.data import encode
-from shared.lora import cached_model, load_trainable_state, trainable_state
-from shared.params import from_record, record_bytes, to_record
+
+if TYPE_CHECKING:
+    from client.privacy import PrivacyLedger
+
+# torch, transformers, peft and opacus are imported inside `train`: in deployment every
+# message starts a fresh ClientApp process, and the secure-aggregation key exchange
+# stages (handled by `secagg_mod`) should not pay ~10 s of imports each.
 
 LEDGER_KEY = "privacy-ledger"
 
-app = ClientApp()
+app = ClientApp(mods=[secagg_mod])
 
 
 def _node_cfg(msg: Message, context: Context) -> FedConfig:
@@ -43,7 +46,9 @@ def ledger_path(context: Context, cfg: FedConfig) -> Path | None:
     return None
 
 
-def load_ledger(context: Context, cfg: FedConfig) -> PrivacyLedger:
+def load_ledger(context: Context, cfg: FedConfig) -> "PrivacyLedger":
+    from client.privacy import PrivacyLedger
+
     path = ledger_path(context, cfg)
     if path is not None and path.exists():
         return PrivacyLedger.load(path, cfg)
@@ -52,7 +57,7 @@ def load_ledger(context: Context, cfg: FedConfig) -> PrivacyLedger:
     return PrivacyLedger(cfg.delta, cfg.target_epsilon)
 
 
-def save_ledger(context: Context, cfg: FedConfig, ledger: PrivacyLedger) -> None:
+def save_ledger(context: Context, cfg: FedConfig, ledger: "PrivacyLedger") -> None:
     context.state.config_records[LEDGER_KEY] = ConfigRecord({"json": ledger.to_json()})
     path = ledger_path(context, cfg)
     if path is not None:
@@ -61,6 +66,15 @@ def save_ledger(context: Context, cfg: FedConfig, ledger: PrivacyLedger) -> None
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from client.local_data import client_frame
+    from client.privacy import plan_privacy
+    from client.trainer import train_local
+    from shared.data import encode
+    from shared.lora import cached_model, load_trainable_state, trainable_state
+    from shared.params import from_record, record_bytes, to_record
+
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     cfg = _node_cfg(msg, context)
     server_round = int(msg.content["config"].get("server-round", 0))

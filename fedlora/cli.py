@@ -63,6 +63,9 @@ def config_from_args(args: argparse.Namespace) -> FedConfig:
         num_clients = cfg.num_clients
     cfg = cfg.replace(partition_by=partition_by, partition=args.partition or "iid",
                       num_clients=num_clients if num_clients is not None else cfg.brands)
+    if cfg.secure_agg and max(1, int(cfg.num_clients * cfg.fraction)) < 2:
+        print("fedlora: note: secure aggregation needs at least 2 clients per round; running without it", file=sys.stderr)
+        cfg = cfg.replace(secure_agg=False)
     cfg.validate()
     return cfg
 
@@ -84,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(sim)
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_cmd_simulate)
+    from fedlora.deploy_commands import add_deploy_commands
+    add_deploy_commands(sub)
     return parser
 
 

@@ -316,6 +316,7 @@ class _Round:
             del vec
             u3.add(nid)
             metrics[nid] = content.metric_records.get("metrics", MetricRecord())
+            metrics[nid]["node-id"] = nid  # server-side only: tells deployed clients apart in the report
         if overflow:
             raise self.fail("overflow: update outside the declared bound (" + "; ".join(overflow) + ")")
         self.alive = set(u3)

@@ -177,7 +177,11 @@ class FederatedData:
 @lru_cache(maxsize=4)
 def _load(cfg_key: str) -> FederatedData:
     cfg = FedConfig.from_run_config(json.loads(cfg_key))
-    if not cfg.data:
+    if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
+        test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
+        train = test.iloc[0:0]
+        labels = cfg.label_names or derive_labels(test)
+    elif not cfg.data:
         train, test = synthetic_federation(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)
         labels = SYNTHETIC_LABELS
     else:
@@ -236,11 +240,14 @@ def _partitioner_for(cfg_key: str, part_key: str):
 
 
 def client_partition(cfg: FedConfig, partition_id: int) -> pd.DataFrame:
-    key = json.dumps({"partition_by": cfg.partition_by, "partition": cfg.partition}, sort_keys=True)
+    key = json.dumps({"partition_by": cfg.partition_by, "partition": cfg.partition, "num_clients": cfg.num_clients}, sort_keys=True)
     partitioner = _partitioner_for(_data_key(cfg), key)
     if not 0 <= partition_id < partitioner.num_partitions:
         raise FedLoraError(f"partition {partition_id} does not exist ({partitioner.num_partitions} partitions)")
-    part = partitioner.load_partition(partition_id).to_pandas()
+    try:
+        part = partitioner.load_partition(partition_id).to_pandas()
+    except (IndexError, ValueError):  # flwr-datasets cannot cut more partitions than rows
+        part = pd.DataFrame()
     if part.empty:
         raise FedLoraError(f"partition {partition_id} is empty: use fewer clients or a larger Dirichlet alpha")
     return part

@@ -22,10 +22,9 @@ def preflight(cfg: FedConfig) -> int:
     models. Returns the number of virtual clients."""
     fed = load_federation(cfg)
     num_nodes = num_partitions(cfg)
-    for pid in range(num_nodes):
-        part = client_partition(cfg, pid)
-        if cfg.dp:
-            plan_privacy(cfg, len(part))
+    sizes = [len(client_partition(cfg, pid)) for pid in range(num_nodes)]
+    if cfg.dp:
+        plan_privacy(cfg, min(sizes))
     cached_model(cfg, len(fed.labels))
     return num_nodes
 

@@ -1,0 +1,120 @@
+"""`fedlora client`: the agent a data owner runs next to their data (a Flower SuperNode).
+
+The data path, column names, the owner's epsilon budget and the ledger path go into the
+SuperNode's node config, which the ClientApp reads locally; none of it is sent to the
+server. Only masked adapter updates and per-round metrics (loss, epsilon spent, example
+count) leave the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from server.deploy import flower_bin, split_address
+from shared.errors import FedLoraError
+
+
+def default_ledger(data: Path) -> Path:
+    digest = hashlib.sha256(str(data.resolve()).encode()).hexdigest()[:16]
+    return Path.home() / ".fedlora" / "ledgers" / f"ledger-{digest}.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate_data(path: Path, text_column: str, label_column: str) -> int:
+    """Read the owner's file once, up front: a clear error now beats one mid-round."""
+    from shared.config import FedConfig
+    from shared.data import normalize, read_table
+
+    cfg = FedConfig(text_column=text_column, label_column=label_column)
+    frame = normalize(read_table(str(path)), cfg, str(path))
+    if frame["text"].str.strip().eq("").all():
+        raise FedLoraError(f"{path}: column {text_column!r} has no text")
+    return len(frame)
+
+
+def check_node_key(path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    if not path.is_file():
+        raise FedLoraError(f"node key not found: {path}")
+    try:
+        key = load_ssh_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError) as exc:
+        raise FedLoraError(f"{path} is not an OpenSSH private key ({exc}); use the key `fedlora certs` made") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FedLoraError(f"{path} must be an ECDSA (NIST curve) key for Flower's SuperNode authentication")
+
+
+def node_config_toml(values: dict[str, object]) -> str:
+    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
+def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, data: Path,
+              text_column: str = "text", label_column: str = "label", target_epsilon: float | None = None,
+              ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
+              insecure: bool = False, validate: bool = True, max_retries: int | None = None) -> int:
+    split_address(superlink)
+    data = Path(data).expanduser().resolve()
+    if not data.is_file():
+        raise FedLoraError(f"data file not found: {data}")
+    if not insecure:
+        if root_cert is None or not Path(root_cert).expanduser().is_file():
+            raise FedLoraError(f"--root-cert: CA certificate not found: {root_cert}")
+    if node_key is not None:
+        check_node_key(Path(node_key).expanduser())
+    if target_epsilon is not None and not target_epsilon > 0:
+        raise FedLoraError(f"--target-epsilon must be positive, got {target_epsilon}")
+    if validate:
+        rows = validate_data(data, text_column, label_column)
+        print(f"fedlora client: {data.name}: {rows} examples", file=sys.stderr, flush=True)
+    ledger = Path(ledger).expanduser().resolve() if ledger else default_ledger(data)
+    ledger.parent.mkdir(parents=True, exist_ok=True)
+    home = Path(home).expanduser().resolve() if home else ledger.parent.parent / "agent" / ledger.stem.replace("ledger-", "")
+    home.mkdir(parents=True, exist_ok=True)
+
+    values: dict[str, object] = {"data-path": str(data), "text-column": text_column, "label-column": label_column,
+                                 "ledger-path": str(ledger), "num-threads": int(num_threads)}
+    if target_epsilon is not None:
+        values["target-epsilon"] = float(target_epsilon)
+    node_config = home / "node-config.toml"  # local only: read by this SuperNode, never uploaded
+    node_config.write_text(node_config_toml(values), encoding="utf-8")
+
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", str(node_config),
+           "--port", str(free_port())]
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(Path(root_cert).expanduser().resolve())]
+    if node_key is not None:
+        cmd += ["--auth-supernode-private-key", str(Path(node_key).expanduser().resolve())]
+    if max_retries is not None:
+        cmd += ["--max-retries", str(max_retries)]
+    env = os.environ | {"FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "TRANSFORMERS_VERBOSITY": "error"}
+    print(f"fedlora client: joining {superlink}; ledger {ledger}", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
