@@ -13,11 +13,10 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
-from server.deploy import flower_bin, split_address
+from shared.flower_process import flower_bin, split_address, start_foreground
 from shared.errors import FedLoraError
 
 
@@ -102,17 +101,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
         cmd += ["--auth-supernode-private-key", str(Path(node_key).expanduser().resolve())]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
-    env = os.environ | {"FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "TRANSFORMERS_VERBOSITY": "error"}
     print(f"fedlora client: joining {superlink}; ledger {ledger}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def forward(signum, _frame):
-        if proc.poll() is None:
-            os.killpg(proc.pid, signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    proc = start_foreground(cmd, home)
     try:
         return proc.wait()
     finally:

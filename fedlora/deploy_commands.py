@@ -114,7 +114,8 @@ def deploy_config(args: argparse.Namespace):
 
 
 def submit_run(cfg, superlink: str, root_cert: Path | None, insecure: bool = False, stream: bool = True) -> int:
-    from server.deploy import CONNECTION, flower_bin, split_address
+    from server.deploy import CONNECTION
+    from shared.flower_process import flower_bin, split_address
 
     split_address(superlink)
     if not insecure and (root_cert is None or not root_cert.is_file()):

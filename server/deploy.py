@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,27 +20,10 @@ from pathlib import Path
 
 from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SUPERNODES, allowed_public_keys
 from shared.errors import FedLoraError
+from shared.flower_process import flower_bin, split_address, start_foreground
 
 DEFAULT_ADDRESS = "0.0.0.0:9092"
 CONNECTION = "fedlora"
-
-
-def flower_bin(name: str) -> str:
-    """A Flower console script from this interpreter's environment (or PATH)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise FedLoraError(f"{name} not found: install fedlora with the README's install command")
-    return found
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise FedLoraError(f"address must be HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
 
 
 def local_address(host: str, port: int) -> str:
@@ -131,17 +113,7 @@ def run_superlink(certs: Path, address: str = DEFAULT_ADDRESS, state: Path | Non
             raise FedLoraError(f"no SuperNode public keys (*.pub) in {allow_keys or certs / SUPERNODES}: "
                                "add the data owners' keys, or pass --no-node-auth (not recommended)")
     home = state.parent / "flwr-home"  # where the SuperLink unpacks submitted apps
-    env = os.environ | {"FLWR_HOME": str(home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen(superlink_command(certs, host, port, state, log_file, node_auth), env=env,
-                            start_new_session=True)
-
-    def forward(signum, _frame):
-        if proc.poll() is None:
-            os.killpg(proc.pid, signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, forward)
+    proc = start_foreground(superlink_command(certs, host, port, state, log_file, node_auth), home)
     try:
         wait_for_port(local_address(host, port).rsplit(":", 1)[0].strip("[]"), port, proc)
         if node_auth:

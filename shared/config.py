@@ -41,7 +41,7 @@ class FedConfig:
     fraction: float = 1.0
     rounds: int = 4
     local_epochs: int = 1
-    batch_size: int = 32  # expected (Poisson) batch size under DP
+    batch_size: int = 64  # expected (Poisson) batch size under DP
     lr: float = 2e-3
     seed: int = 0
     # privacy

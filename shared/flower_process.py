@@ -1,0 +1,45 @@
+"""Starting Flower's own processes (SuperLink, SuperNode) in the foreground, for both sides."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from shared.errors import FedLoraError
+
+
+def flower_bin(name: str) -> str:
+    """A Flower console script from this interpreter's environment (or PATH)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise FedLoraError(f"{name} not found: install fedlora with the README's install command")
+    return found
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise FedLoraError(f"address must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def start_foreground(cmd: list[str], flwr_home: Path) -> subprocess.Popen:
+    """Start a Flower process in its own group, offline, with our signals forwarded to it."""
+    env = os.environ | {"FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, forward)
+    return proc
