@@ -75,8 +75,9 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.run import simulate
 
     summary = simulate(cfg, verbose=args.verbose)
+    spent = [c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None]
     print(json.dumps({"output": cfg.output, "final": summary["final"],
-                      "epsilon_max": max((c["epsilon"] or 0.0 for c in summary["clients"].values()), default=None)}))
+                      "epsilon_max": max(spent) if cfg.dp and spent else None}))
     return 0
 
 

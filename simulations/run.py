@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -51,7 +52,10 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     backend_config = {
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
