@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-from peft import PeftModel
-from safetensors.numpy import load_file
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from shared.errors import FedLoraError
 from shared.lora import save_adapter, trainable_state
@@ -48,14 +48,9 @@ def latest_checkpoint(path: Path) -> tuple[Path, int]:
 
 
 def load_checkpoint_state(model: PeftModel, folder: Path) -> dict[str, np.ndarray]:
-    """Map a saved PEFT adapter back onto this model's trainable tensor names."""
-    saved = load_file(str(folder / "adapter_model.safetensors"))
-    state = {}
-    for name in trainable_state(model):
-        key = name.replace(".default.", ".")
-        key = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        candidates = [k for k in saved if k == key or k == "base_model.model." + key]
-        if not candidates:
-            raise FedLoraError(f"checkpoint {folder} lacks tensor {key}: was it made with other --model/--lora settings?")
-        state[name] = saved[candidates[0]]
-    return state
+    """Load a saved PEFT adapter into this model (peft's own key mapping) and return its tensors."""
+    result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise FedLoraError(f"checkpoint {folder} does not fit this model (e.g. {result.unexpected_keys[0]}): "
+                           "was it made with other --model/--lora settings?")
+    return trainable_state(model)

@@ -24,6 +24,7 @@ class FedConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
+    lora_layers: int = 0  # adapt only the top N transformer layers (0: all); backward stops below them
     max_length: int = 48
     # data
     data: str = ""  # empty: the synthetic marketing federation

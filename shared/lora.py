@@ -31,6 +31,14 @@ def target_modules(model: PreTrainedModel, cfg: FedConfig) -> list[str] | None:
     return _DEFAULT_TARGETS.get(model.config.model_type)
 
 
+def top_layers(model: PreTrainedModel, cfg: FedConfig) -> list[int] | None:
+    """Adapting only the top layers halves DP noise dimensions and backward cost alike."""
+    total = model.config.num_hidden_layers
+    if cfg.lora_layers <= 0 or cfg.lora_layers >= total:
+        return None
+    return list(range(total - cfg.lora_layers, total))
+
+
 def attach_lora(model: PreTrainedModel, cfg: FedConfig) -> PeftModel:
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS,
@@ -38,6 +46,7 @@ def attach_lora(model: PreTrainedModel, cfg: FedConfig) -> PeftModel:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0,
         target_modules=target_modules(model, cfg),
+        layers_to_transform=top_layers(model, cfg),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
@@ -72,7 +81,7 @@ def cached_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrained
     before training; only the model-defining settings key the cache. The freshly
     initialised adapter stays available as `model.fedlora_initial_state`.
     """
-    keys = ("model", "lora", "lora_rank", "lora_alpha", "lora_targets", "seed")
+    keys = ("model", "lora", "lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed")
     return _cached((tuple((k, getattr(cfg, k)) for k in keys), num_labels))
 
 

@@ -63,3 +63,9 @@ def test_load_trainable_state_rejects_foreign_tensors(tiny_cfg):
         assert "unexpected" in str(exc)
     else:
         raise AssertionError("a base tensor was accepted as an adapter tensor")
+
+
+def test_lora_layers_adapts_only_the_top_layers(tiny_cfg):
+    model, _ = build_model(tiny_cfg.replace(lora_layers=1), 2)
+    lora = [n for n in trainable_state(model) if "lora_B" in n]
+    assert lora and all(".layer.1." in n for n in lora)
