@@ -190,6 +190,8 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
         seed = crypto.pair_mask_seed(crypto.agree(state["s-sk"], pk_s_of[j]), state["sid"], state["round"], node, j)
         masks.add_mask(vec, seed, fmt.bits, +1 if node < j else -1)
     out[Key.OVERFLOW] = 0
+    if not declined:
+        metrics["bytes-uploaded"] = int(vec.nbytes)  # what actually leaves: the masked ring vector
     return out, {"metrics": metrics, MASKED_RECORD: ArrayRecord({"masked": Array(vec)})}
 
 
