@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Iterable
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -23,6 +25,15 @@ class FedLoraStrategy(FedAvg):
             fraction_train=cfg.fraction, fraction_evaluate=0.0, min_train_nodes=1,
             min_available_nodes=num_nodes, weighted_by_key="num-examples",
         )
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        # FedAvg sizes the sample from the nodes online *before* it waits for
+        # min_available_nodes, so a round that starts while an agent is reconnecting would
+        # leave it out even at fraction 1.0: wait for the federation first.
+        while len(list(grid.get_node_ids())) < self.min_available_nodes:
+            time.sleep(1.0)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def split_replies(self, replies: Iterable[Message]) -> tuple[list[Message], list[dict], int]:
         """(replies that trained, metrics of every client that answered, number that failed)."""
