@@ -30,11 +30,20 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _die_with_parent() -> None:
+    """Linux: the Flower process gets SIGTERM if fedlora dies (even by SIGKILL), so a killed
+    agent or server never leaves an orphaned SuperNode/SuperLink behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_foreground(cmd: list[str], flwr_home: Path) -> subprocess.Popen:
     """Start a Flower process in its own group, offline, with our signals forwarded to it."""
     env = os.environ | {"FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                         "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
         if proc.poll() is None:
