@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from server.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from server.report import RunReport
-from server.strategy import FedLoraStrategy
+from server.strategy import FedLoraStrategy, with_client_id
 from shared.config import FedConfig
 from shared.data import encode, load_federation, num_partitions
 from shared.evaluation import evaluate
@@ -43,9 +43,7 @@ def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_r
     result = secure_aggregate(grid, arrays, messages, SecAggConfig(
         threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None,
     ))
-    metrics = [dict(m) for m in result.metrics]
-    for m in metrics:
-        m["client-id"] = int(m["partition-id"]) if m.get("partition-id", -1) >= 0 else m.get("node-id", -1)
+    metrics = [with_client_id(m, int(m.get("node-id", -1))) for m in result.metrics]
     if result.error:
         Console(stderr=True).print(f"[yellow]round {server_round}: secure aggregation failed ({result.error}); global adapter unchanged")
     return result.arrays, metrics, len(result.dropped)

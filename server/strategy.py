@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -13,10 +13,15 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from shared.config import FedConfig
 
 
+def with_client_id(metrics: Mapping, node_id: int) -> dict:
+    """Name a client by its simulated partition, or by its node id in deployment."""
+    out = dict(metrics)
+    out["client-id"] = int(out["partition-id"]) if out.get("partition-id", -1) >= 0 else int(node_id)
+    return out
+
+
 def client_metrics(reply: Message) -> dict:
-    metrics = dict(reply.content["metrics"])
-    metrics["client-id"] = int(metrics.get("partition-id", -1)) if metrics.get("partition-id", -1) >= 0 else reply.metadata.src_node_id
-    return metrics
+    return with_client_id(reply.content["metrics"], reply.metadata.src_node_id)
 
 
 class FedLoraStrategy(FedAvg):
