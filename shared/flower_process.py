@@ -41,8 +41,11 @@ def _die_with_parent() -> None:
 
 def start_foreground(cmd: list[str], flwr_home: Path) -> subprocess.Popen:
     """Start a Flower process in its own group, offline, with our signals forwarded to it."""
+    # Flower starts its own helpers (flower-superexec, flwr-serverapp, ...) by name, so this
+    # environment's scripts must be on PATH even when the venv was never activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     env = os.environ | {"FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "TRANSFORMERS_VERBOSITY": "error"}
+                        "TRANSFORMERS_VERBOSITY": "error", "PATH": path}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
