@@ -114,7 +114,7 @@ def deploy_config(args: argparse.Namespace):
 
 
 def submit_run(cfg, superlink: str, root_cert: Path | None, insecure: bool = False, stream: bool = True) -> int:
-    from server.deploy import CONNECTION
+    from server.deploy import CONNECTION, write_cli_config
     from shared.flower_process import flower_bin, split_address
 
     split_address(superlink)
@@ -124,10 +124,7 @@ def submit_run(cfg, superlink: str, root_cert: Path | None, insecure: bool = Fal
         tmp_path = Path(tmp)
         app = stage_app(app_root(), tmp_path / "app")
         home = tmp_path / "flwr-home"
-        home.mkdir()
-        conn = f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {json.dumps(superlink)}\n'
-        conn += "insecure = true\n" if insecure else f"root-certificates = {json.dumps(str(root_cert.resolve()))}\n"
-        (home / "config.toml").write_text(conn, encoding="utf-8")
+        write_cli_config(home, superlink, None if insecure else root_cert)
         run_config = tmp_path / "run-config.toml"
         run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_run_config().items()),
                               encoding="utf-8")

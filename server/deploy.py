@@ -46,12 +46,13 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float =
     raise FedLoraError(f"{what} did not open {host}:{port} within {timeout:.0f} s")
 
 
-def write_cli_config(flwr_home: Path, address: str, root_cert: Path) -> None:
-    """A Flower CLI config naming one SuperLink connection, `fedlora`, with TLS."""
+def write_cli_config(flwr_home: Path, address: str, root_cert: Path | None) -> None:
+    """A Flower CLI config naming one SuperLink connection, `fedlora`: TLS with `root_cert`,
+    or plaintext when it is None (`--insecure`, tests only)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    tls = "insecure = true\n" if root_cert is None else f"root-certificates = {json.dumps(str(root_cert.resolve()))}\n"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f"address = {json.dumps(address)}\nroot-certificates = {json.dumps(str(root_cert.resolve()))}\n",
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n' + tls,
         encoding="utf-8",
     )
 
