@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
+from shared.data import trim_padding
 
 
 @dataclass
@@ -27,11 +28,24 @@ class TrainResult:
 
 def _step(model: torch.nn.Module, batch, optimizer) -> float:
     input_ids, attention_mask, labels = batch
+    input_ids, attention_mask = trim_padding(input_ids, attention_mask)
     optimizer.zero_grad(set_to_none=True)
     loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def parameter_groups(model: torch.nn.Module, cfg: FedConfig) -> list[dict]:
+    """The task head and the LoRA B matrices learn at their own rates.
+
+    The head's per-example gradients are ~20x larger than B's, and under DP's clipping
+    and noise a single rate leaves one of them stalled: with 2e-3 for both, four rounds
+    moved the held-out loss from 0.69 to 0.68 only.
+    """
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    return [g for g in ({"params": adapter, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}) if g["params"]]
 
 
 def train_local(
@@ -44,8 +58,12 @@ def train_local(
 ) -> TrainResult:
     torch.manual_seed(cfg.seed * 100_003 + server_round)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(parameter_groups(model, cfg))
+    import os, math
+    if os.environ.get("XDECAY") and server_round:
+        f = float(os.environ["XDECAY"]) + (1 - float(os.environ["XDECAY"])) * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.rounds))
+        for g in optimizer.param_groups:
+            g["lr"] *= f
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
     if not cfg.dp:
         losses = [_step(model, batch, optimizer) for _ in range(cfg.local_epochs) for batch in loader]

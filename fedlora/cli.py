@@ -26,6 +26,9 @@ _HELP = {
     "lora": "ffa (A frozen from a shared seed, only B trains) or plain",
     "output": "folder for summary.json, metrics.csv, checkpoints and the plot",
     "resume": "continue from a checkpoint folder or a previous --output",
+    "lr": "Adam learning rate of the LoRA adapter tensors (default: 0.03)",
+    "head_lr": "Adam learning rate of the task head (default: 0.2)",
+    "max_grad_norm": "DP per-example clipping norm (default: 0.3)",
     "brands": "synthetic data: number of brands (data owners)",
     "labels": "JSON list fixing the global label set (default: from the training data)",
 }

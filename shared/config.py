@@ -40,16 +40,17 @@ class FedConfig:
     # federation
     num_clients: int = 6
     fraction: float = 1.0
-    rounds: int = 4
+    rounds: int = 8
     local_epochs: int = 1
     batch_size: int = 64  # expected (Poisson) batch size under DP
-    lr: float = 2e-3
+    lr: float = 0.03  # Adam, LoRA adapter tensors
+    head_lr: float = 0.2  # Adam, task head
     seed: int = 0
     # privacy
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.3
     # secure aggregation
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
@@ -86,6 +87,10 @@ class FedConfig:
                 raise FedLoraError(f"epsilon target cannot be met: --target-epsilon must be positive, got {self.target_epsilon}")
             if not 0.0 < self.delta < 1.0:
                 raise FedLoraError(f"--delta must be in (0, 1), got {self.delta}")
+        if not (self.lr > 0 and self.head_lr > 0):
+            raise FedLoraError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}")
+        if not self.max_grad_norm > 0:
+            raise FedLoraError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.batch_size < 1:
             raise FedLoraError("--batch-size must be at least 1")
 

@@ -261,3 +261,15 @@ def encode(df: pd.DataFrame, labels: list[str], tokenizer: PreTrainedTokenizerBa
     enc = tokenizer(list(df["text"].astype(str)), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     y = torch.tensor([index[str(v)] for v in df["label"]], dtype=torch.long)
     return TensorDataset(enc["input_ids"], enc["attention_mask"], y)
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row of a batch (either side).
+
+    `encode` pads every text to `max_length`; short reviews use a fraction of it, and
+    the model's outputs do not depend on columns the mask hides from every row.
+    """
+    keep = attention_mask.bool().any(0)
+    if not bool(keep.any()):
+        keep[0] = True
+    return input_ids[:, keep], attention_mask[:, keep]

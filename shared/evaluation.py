@@ -6,12 +6,15 @@ import torch
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader, TensorDataset
 
+from shared.data import trim_padding
+
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: TensorDataset, num_labels: int, batch_size: int = 128) -> dict[str, float]:
     model.eval()
     total_loss, preds, gold = 0.0, [], []
     for input_ids, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
+        input_ids, attention_mask = trim_padding(input_ids, attention_mask)
         out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         total_loss += float(out.loss) * len(labels)
         preds.append(out.logits.argmax(-1))

@@ -69,3 +69,31 @@ def test_lora_layers_adapts_only_the_top_layers(tiny_cfg):
     model, _ = build_model(tiny_cfg.replace(lora_layers=1), 2)
     lora = [n for n in trainable_state(model) if "lora_B" in n]
     assert lora and all(".layer.1." in n for n in lora)
+
+
+def test_trimmed_batches_give_the_same_outputs(tiny_cfg):
+    from shared.data import encode, load_federation, trim_padding
+
+    model, tokenizer = build_model(tiny_cfg, 2)
+    model.eval()
+    fed = load_federation(tiny_cfg)
+    ids, mask, _ = encode(fed.test.head(8), ["negative", "positive"], tokenizer, 48).tensors
+    short_ids, short_mask = trim_padding(ids, mask)
+    assert short_ids.shape[1] < ids.shape[1] and short_mask.all(0).any()
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        trimmed = model(input_ids=short_ids, attention_mask=short_mask).logits
+    torch.testing.assert_close(full, trimmed, rtol=1e-5, atol=1e-6)
+
+
+def test_head_and_adapter_learn_at_their_own_rates(tiny_cfg):
+    from client.trainer import parameter_groups
+
+    cfg = tiny_cfg.replace(lr=0.03, head_lr=0.2)
+    model, _ = build_model(cfg, 2)
+    groups = parameter_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert by_lr[0.03] and all("lora_B" in n for n in by_lr[0.03])
+    assert by_lr[0.2] and all("modules_to_save" in n for n in by_lr[0.2])
+    assert by_lr[0.03] | by_lr[0.2] == set(trainable_state(model))
