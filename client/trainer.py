@@ -59,11 +59,6 @@ def train_local(
     torch.manual_seed(cfg.seed * 100_003 + server_round)
     model.train()
     optimizer = torch.optim.Adam(parameter_groups(model, cfg))
-    import os, math
-    if os.environ.get("XDECAY") and server_round:
-        f = float(os.environ["XDECAY"]) + (1 - float(os.environ["XDECAY"])) * 0.5 * (1 + math.cos(math.pi * (server_round - 1) / cfg.rounds))
-        for g in optimizer.param_groups:
-            g["lr"] *= f
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
     if not cfg.dp:
         losses = [_step(model, batch, optimizer) for _ in range(cfg.local_epochs) for batch in loader]
