@@ -21,7 +21,7 @@ class FedConfig:
     # model and adapter
     model: str = "minilm"
     lora: str = "ffa"  # "ffa" (A frozen from a shared seed, only B trains) or "plain"
-    lora_rank: int = 8
+    lora_rank: int = 4
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
     lora_layers: int = 0  # adapt only the top N transformer layers (0: all); backward stops below them
@@ -35,14 +35,14 @@ class FedConfig:
     partition: str = "iid"  # "iid" or "dirichlet:ALPHA" when partition_by is empty
     labels: str = ""  # JSON list of the global label names; derived from the data when empty
     brands: int = 6  # synthetic data only: one data owner per brand
-    examples_per_brand: int = 400  # synthetic data only
+    examples_per_brand: int = 800  # synthetic data only
     test_size: int = 800  # synthetic data only
     # federation
     num_clients: int = 6
     fraction: float = 1.0
     rounds: int = 8
     local_epochs: int = 1
-    batch_size: int = 64  # expected (Poisson) batch size under DP
+    batch_size: int = 128  # expected (Poisson) batch size under DP
     lr: float = 0.03  # Adam, LoRA adapter tensors
     head_lr: float = 0.2  # Adam, task head
     seed: int = 0
