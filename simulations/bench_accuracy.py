@@ -32,16 +32,14 @@ VARIANTS = {
 }
 
 
-def _overrides(pairs: list[str]) -> dict:
-    kinds = {f.name: type(f.default) for f in fields(FedConfig)}
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        key = key.replace("-", "_")
-        if key not in kinds:
-            raise SystemExit(f"unknown setting {key!r}")
-        out[key] = value.lower() in ("1", "true") if kinds[key] is bool else kinds[key](value)
-    return out
+def _config(pairs: list[str]) -> FedConfig:
+    """`key=value` pairs parsed the way Flower's run config is (hyphens or underscores)."""
+    values = dict(pair.partition("=")[::2] for pair in pairs)
+    known = {f.name for f in fields(FedConfig)}
+    unknown = [k for k in values if k.replace("-", "_") not in known]
+    if unknown:
+        raise SystemExit(f"unknown setting {unknown[0]!r}")
+    return FedConfig.from_run_config(values)
 
 
 def main() -> None:
@@ -51,7 +49,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="FedConfig key=value for every variant")
     args = parser.parse_args()
     console = Console()
-    base = FedConfig(**_overrides(args.overrides))
+    base = _config(args.overrides)
     results = {}
     for name in ["central", *[v for v in args.variants if v != "central"]]:
         cfg = base.replace(**VARIANTS[name], output=str(Path(args.output) / name))
