@@ -75,12 +75,12 @@ def config_from_args(args: argparse.Namespace) -> FedConfig:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    from server.report import epsilon_max
     from simulations.run import simulate
 
     summary = simulate(cfg, verbose=args.verbose)
-    spent = [c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None]
     print(json.dumps({"output": cfg.output, "final": summary["final"],
-                      "epsilon_max": max(spent) if cfg.dp and spent else None}))
+                      "epsilon_max": epsilon_max(summary) if cfg.dp else None}))
     return 0
 
 

@@ -30,6 +30,12 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def epsilon_max(summary: dict) -> float | None:
+    """Largest epsilon any client spent; None when no client has a finite one (DP off)."""
+    spent = [c["epsilon"] for c in summary["clients"].values() if c["epsilon"] is not None]
+    return max(spent) if spent else None
+
+
 @dataclass
 class RunReport:
     output: Path

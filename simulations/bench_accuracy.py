@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from server.report import epsilon_max
 from shared.config import FedConfig
 from simulations.run import simulate
 
@@ -57,13 +58,13 @@ def main() -> None:
         start = time.perf_counter()
         summary = simulate(cfg, console)
         results[name] = {"accuracy": summary["final"]["accuracy"], "seconds": time.perf_counter() - start,
-                         "epsilon_max": max((c["epsilon"] for c in summary["clients"].values()), default=None)}
+                         "epsilon_max": epsilon_max(summary)}
     ref = results["central"]
     table = Table(title="accuracy and wall time against the centralized non-private baseline (same run)")
     for column in ("variant", "accuracy", "acc / central", "points below", "eps max", "seconds", "time / central"):
         table.add_column(column, justify="right")
     for name, r in results.items():
-        eps = f"{r['epsilon_max']:.2f}" if r["epsilon_max"] not in (None, float("inf")) else "off"
+        eps = f"{r['epsilon_max']:.2f}" if r["epsilon_max"] is not None else "off"
         table.add_row(name, f"{r['accuracy']:.3f}", f"{r['accuracy'] / ref['accuracy']:.3f}",
                       f"{100 * (ref['accuracy'] - r['accuracy']):.1f}", eps, f"{r['seconds']:.0f}",
                       f"{r['seconds'] / ref['seconds']:.2f}")
