@@ -12,9 +12,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from opacus import PrivacyEngine
 from torch.utils.data import DataLoader, TensorDataset
 
+from client import secure_random
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
 from shared.data import trim_padding
@@ -56,7 +56,9 @@ def train_local(
     plan: PrivacyPlan | None = None,
     server_round: int = 0,
 ) -> TrainResult:
-    torch.manual_seed(cfg.seed * 100_003 + server_round)
+    # cfg.seed reproduces non-private runs; under DP no draw may be predictable from the
+    # server's config: noise and Poisson batches come from client/secure_random.py
+    torch.manual_seed(secure_random.secret_seed() if cfg.dp else cfg.seed * 100_003 + server_round)
     model.train()
     optimizer = torch.optim.Adam(parameter_groups(model, cfg))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
@@ -66,14 +68,13 @@ def train_local(
         return TrainResult(sum(losses) / max(1, len(losses)), len(losses))
 
     assert ledger is not None and plan is not None
-    engine = PrivacyEngine(accountant="rdp")
+    engine = secure_random.privacy_engine(accountant="rdp")
     engine.accountant.load_state_dict(ledger.accountant().state_dict())
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
         warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
-        dp_model, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm, poisson_sampling=True,
+        dp_model, dp_optimizer, dp_loader = secure_random.make_private(  # Poisson sampling, CSPRNG
+            engine, module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
         )
     losses = []
     try:
