@@ -2,8 +2,10 @@
 
 The data path, column names, the owner's epsilon budget and the ledger path go into the
 SuperNode's node config, which the ClientApp reads locally; none of it is sent to the
-server. Only masked adapter updates and per-round metrics (loss, epsilon spent, example
-count) leave the machine.
+server. So does the owner's privacy policy (client/policy.py), which the ClientApp checks
+every round's request against. Under DP only masked adapter updates, epsilon and delta
+spent, bytes uploaded and a decline code leave the machine; details of a decline or a
+failure go to `<home>/client.log`.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import socket
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from shared.flower_process import flower_bin, split_address, start_foreground
 from shared.errors import FedLoraError
+
+if TYPE_CHECKING:
+    from client.policy import OwnerPolicy
 
 
 def default_ledger(data: Path) -> Path:
@@ -64,7 +71,8 @@ def node_config_toml(values: dict[str, object]) -> str:
 def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, data: Path,
               text_column: str = "text", label_column: str = "label", target_epsilon: float | None = None,
               ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
-              insecure: bool = False, validate: bool = True, max_retries: int | None = None) -> int:
+              insecure: bool = False, validate: bool = True, max_retries: int | None = None,
+              policy: "OwnerPolicy | None" = None) -> int:
     split_address(superlink)
     data = Path(data).expanduser().resolve()
     if not data.is_file():
@@ -76,6 +84,9 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
         check_node_key(Path(node_key).expanduser())
     if target_epsilon is not None and not target_epsilon > 0:
         raise FedLoraError(f"--target-epsilon must be positive, got {target_epsilon}")
+    from client.policy import OwnerPolicy
+
+    policy = policy or OwnerPolicy()
     if validate:
         rows = validate_data(data, text_column, label_column)
         print(f"fedlora client: {data.name}: {rows} examples", file=sys.stderr, flush=True)
@@ -85,7 +96,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
     home.mkdir(parents=True, exist_ok=True)
 
     values: dict[str, object] = {"data-path": str(data), "text-column": text_column, "label-column": label_column,
-                                 "ledger-path": str(ledger), "num-threads": int(num_threads)}
+                                 "ledger-path": str(ledger), "num-threads": int(num_threads),
+                                 "log-path": str(home / "client.log"), **policy.to_node_config()}
     if target_epsilon is not None:
         values["target-epsilon"] = float(target_epsilon)
     node_config = home / "node-config.toml"  # local only: read by this SuperNode, never uploaded
@@ -101,7 +113,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
         cmd += ["--auth-supernode-private-key", str(Path(node_key).expanduser().resolve())]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
-    print(f"fedlora client: joining {superlink}; ledger {ledger}", file=sys.stderr, flush=True)
+    print(f"fedlora client: joining {superlink}; ledger {ledger}; log {home / 'client.log'}", file=sys.stderr, flush=True)
+    print(f"fedlora client: policy {policy}", file=sys.stderr, flush=True)
     proc = start_foreground(cmd, home)
     try:
         return proc.wait()

@@ -7,18 +7,23 @@ never leave the node.
 
 from __future__ import annotations
 
+import logging
+import time
+import traceback
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict, ArrayRecord
 from flwr.clientapp import ClientApp
 
-from client.secagg_mod import secagg_mod
+from client.secagg_mod import SECAGG_ACTIVE, secagg_mod
 from shared.config import FedConfig
 
 if TYPE_CHECKING:
+    from client.policy import SecAggInfo
     from client.privacy import PrivacyLedger
+
+log = logging.getLogger("fedlora.client")
 
 # torch, transformers, peft and opacus are imported inside `train`: in deployment every
 # message starts a fresh ClientApp process, and the secure-aggregation key exchange
@@ -30,10 +35,9 @@ app = ClientApp(mods=[secagg_mod])
 
 
 def _node_cfg(msg: Message, context: Context) -> FedConfig:
-    cfg = FedConfig.from_run_config(dict(msg.content["config"]))
-    if "target-epsilon" in context.node_config:  # the owner's budget overrides the operator's
-        cfg = cfg.replace(target_epsilon=float(context.node_config["target-epsilon"]))
-    return cfg
+    from client.policy import effective_config
+
+    return effective_config(FedConfig.from_run_config(dict(msg.content["config"])), context.node_config)
 
 
 def ledger_path(context: Context, cfg: FedConfig) -> Path | None:
@@ -64,38 +68,104 @@ def save_ledger(context: Context, cfg: FedConfig, ledger: "PrivacyLedger") -> No
         ledger.save(path)
 
 
+def _secagg_info(context: Context) -> "SecAggInfo | None":
+    """Set by this node's own secure-aggregation mod while it runs training inside the
+    masked collect stage; the server cannot forge it (it lives in the node's local state)."""
+    from client.policy import SecAggInfo
+
+    if SECAGG_ACTIVE not in context.state.config_records:
+        return None
+    rec = context.state.config_records[SECAGG_ACTIVE]
+    return SecAggInfo(threshold=int(rec["t-global"]), group_size=int(rec["group-size"]))
+
+
+def owner_log(context: Context, text: str) -> None:
+    """Details of a decline or failure: the owner's console and, in deployment, the
+    agent's local log file; never the reply."""
+    log.warning(text)
+    path = context.node_config.get("log-path")
+    if path:
+        try:
+            with open(str(path), "a", encoding="utf-8") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        except OSError:
+            pass
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """Train one round, or decline with a code. Under DP the reply carries only what the
+    accounting covers: the masked/plain adapter, epsilon and delta spent, bytes uploaded,
+    and `declined`/`declined-code`; no loss, no example count, no partition id, no text."""
+    from client.policy import DeclineCode, Declined
+
+    server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
+    try:
+        return _train(msg, context, server_round)
+    except Declined as exc:
+        code, detail, report = exc.code, str(exc), exc.report
+    except Exception as exc:  # noqa: BLE001 - the server gets a code, the owner the traceback
+        code, detail, report = DeclineCode.INTERNAL, "".join(traceback.format_exception_only(exc)).strip(), {}
+        log.debug("client failure", exc_info=exc)
+    owner_log(context, f"fedlora client: round {server_round}: declined-code {int(code)} ({code.name}): {detail}")
+    metrics = {"declined": 1, "declined-code": int(code), "bytes-uploaded": 0, **report}
+    return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _train(msg: Message, context: Context, server_round: int) -> Message:
     import torch
 
     from client.local_data import client_frame
-    from client.privacy import plan_privacy
+    from client.policy import DeclineCode, Declined, OwnerPolicy
+    from client.privacy import PrivacyLedger, plan_privacy
     from client.trainer import train_local
     from shared.data import encode
+    from shared.errors import FedLoraError
     from shared.lora import cached_model, load_trainable_state, trainable_state
     from shared.params import from_record, record_bytes, to_record
 
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
+    try:
+        request = FedConfig.from_run_config(dict(msg.content["config"]))
+    except FedLoraError as exc:
+        raise Declined(DeclineCode.REQUEST, f"malformed request: {exc}") from None
+    OwnerPolicy.for_node(context.node_config, request).check(request, _secagg_info(context))  # before the ledger
     cfg = _node_cfg(msg, context)
-    server_round = int(msg.content["config"].get("server-round", 0))
-    frame, source = client_frame(cfg, context.node_config)
-    model, tokenizer = cached_model(cfg, len(cfg.label_names))
-    dataset = encode(frame, cfg.label_names, tokenizer, cfg.max_length, source)
-    ledger = load_ledger(context, cfg)
-    metrics = {"num-examples": len(dataset), "partition-id": int(context.node_config.get("partition-id", -1)),
-               "delta": cfg.delta if cfg.dp else 0.0}
 
-    plan = plan_privacy(cfg, len(dataset)) if cfg.dp else None
-    if plan is not None and not ledger.can_train(plan):
-        metrics |= {"declined": 1, "num-examples": 0, "epsilon": ledger.epsilon(),
-                    "epsilon-next": ledger.epsilon_after(plan), "train-loss": 0.0, "bytes-uploaded": 0}
-        return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
+    try:
+        frame, source = client_frame(cfg, context.node_config)
+        model, tokenizer = cached_model(cfg, len(cfg.label_names))
+        dataset = encode(frame, cfg.label_names, tokenizer, cfg.max_length, source)
+    except FedLoraError as exc:
+        raise Declined(DeclineCode.DATA, str(exc)) from None
+    if not cfg.dp:  # a non-private baseline, allowed by the policy: report everything, as before
+        load_trainable_state(model, from_record(msg.content["arrays"]))
+        result = train_local(model, dataset, cfg, None, None, server_round)
+        arrays = to_record(trainable_state(model))
+        metrics = {"declined": 0, "declined-code": 0, "num-examples": len(dataset),
+                   "partition-id": int(context.node_config.get("partition-id", -1)), "delta": 0.0,
+                   "epsilon": float("inf"), "train-loss": result.loss, "steps": result.steps,
+                   "bytes-uploaded": record_bytes(arrays)}
+        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
-    load_trainable_state(model, from_record(msg.content["arrays"]))
-    result = train_local(model, dataset, cfg, ledger, plan, server_round)
-    if cfg.dp:
-        save_ledger(context, cfg, ledger)
+    try:
+        plan = plan_privacy(cfg, len(dataset))
+    except FedLoraError as exc:
+        raise Declined(DeclineCode.REQUEST, str(exc)) from None
+    path = ledger_path(context, cfg)
+    try:
+        with PrivacyLedger.lock(path):  # one round at a time on this ledger: read, check, train, write
+            ledger = load_ledger(context, cfg)
+            if not ledger.can_train(plan):
+                raise Declined(DeclineCode.BUDGET, f"epsilon {ledger.epsilon():.3f} spent, the next round would reach "
+                               f"{ledger.epsilon_after(plan):.3f} > budget {cfg.target_epsilon}",
+                               report={"epsilon": ledger.epsilon(), "delta": cfg.delta})
+            load_trainable_state(model, from_record(msg.content["arrays"]))
+            train_local(model, dataset, cfg, ledger, plan, server_round)
+            save_ledger(context, cfg, ledger)
+    except FedLoraError as exc:  # the lock, or a ledger file that is unreadable or does not add up
+        raise Declined(DeclineCode.LEDGER, str(exc)) from None
     arrays = to_record(trainable_state(model))
-    metrics |= {"declined": 0, "epsilon": ledger.epsilon() if cfg.dp else float("inf"),
-                "train-loss": result.loss, "steps": result.steps, "bytes-uploaded": record_bytes(arrays)}
+    metrics = {"declined": 0, "declined-code": 0, "epsilon": ledger.epsilon(), "delta": cfg.delta,
+               "bytes-uploaded": record_bytes(arrays)}
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -9,11 +9,16 @@ the ClientApp and the Opacus engine are rebuilt each round.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import math
 import os
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -58,12 +63,21 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
     return PrivacyPlan(sigma, sample_rate, steps_per_round)
 
 
+def _total_steps(history) -> int:
+    return sum(int(h[2]) for h in history)
+
+
 @dataclass
 class PrivacyLedger:
+    """The owner's record of privacy spent. On disk it is trusted only if it adds up: every
+    accountant entry is a valid (noise multiplier, sample rate, steps) triple and the steps
+    of the rounds in `rounds_trained` (`round_steps`) sum to the accountant's steps."""
+
     delta: float
     target_epsilon: float
     accountant_state: dict = field(default_factory=lambda: RDPAccountant().state_dict())
     rounds_trained: list[int] = field(default_factory=list)
+    round_steps: list[int] | None = field(default_factory=list)  # None: a file from before per-round steps
 
     def accountant(self) -> RDPAccountant:
         """A fresh accountant on a copy of the history: Opacus shares the list, and a
@@ -86,29 +100,76 @@ class PrivacyLedger:
         return self.epsilon_after(plan) <= self.target_epsilon * (1 + tolerance)
 
     def record(self, accountant: RDPAccountant, server_round: int) -> None:
+        steps = _total_steps(accountant.history) - _total_steps(self.accountant_state["history"])
         self.accountant_state = copy.deepcopy(accountant.state_dict())
         self.rounds_trained.append(server_round)
+        if self.round_steps is not None:
+            self.round_steps.append(steps)
 
     def to_json(self) -> str:
-        return json.dumps({
+        out = {
             "delta": self.delta, "target_epsilon": self.target_epsilon,
             "history": [list(h) for h in self.accountant_state["history"]],
             "rounds_trained": self.rounds_trained,
-        })
+        }
+        if self.round_steps is not None:
+            out["round_steps"] = self.round_steps
+        return json.dumps(out)
 
     def save(self, path: Path) -> None:
-        """Atomic: a crash mid-write never loses the epsilon already spent."""
+        """Atomic and durable: a temporary file in the same folder, fsynced, renamed over
+        the ledger, then the folder fsynced, so a crash or power cut leaves either the old
+        or the new spend, never a torn or lost file. The caller holds `lock(path)`."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self.to_json())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    @contextmanager
+    def lock(path: Path | None, timeout: float = 10.0) -> Iterator[None]:
+        """Exclusive fcntl lock on `<ledger>.lock` for a whole round (read, check, train,
+        record, write), so two processes on one ledger can never both spend the same budget."""
+        if path is None:
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise FedLoraError(f"privacy ledger {path} is in use by another process; "
+                                           "one agent per ledger") from None
+                    time.sleep(0.1)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     @classmethod
     def load(cls, path: Path, cfg: FedConfig) -> "PrivacyLedger":
         try:
-            ledger = cls.from_json(path.read_text())
-        except (OSError, ValueError, KeyError) as exc:
-            raise FedLoraError(f"privacy ledger {path} is unreadable ({exc}); refusing to train with an unknown spend") from exc
+            ledger = cls.from_json(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise FedLoraError(f"privacy ledger {path} is unreadable ({exc.strerror}); refusing to train with an unknown spend") from None
+        except FedLoraError as exc:
+            raise FedLoraError(f"privacy ledger {path} is invalid ({exc}); refusing to train with an unknown spend") from None
         if ledger.delta != cfg.delta:
             raise FedLoraError(f"privacy ledger {path} was kept at delta={ledger.delta}, this run asks delta={cfg.delta}")
         ledger.target_epsilon = cfg.target_epsilon
@@ -116,7 +177,50 @@ class PrivacyLedger:
 
     @classmethod
     def from_json(cls, text: str) -> "PrivacyLedger":
-        raw = json.loads(text)
+        """Parse and validate; any defect is one FedLoraError line, never a traceback."""
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise FedLoraError(f"not JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise FedLoraError("not a JSON object")
+        missing = {"delta", "target_epsilon", "history", "rounds_trained"} - set(raw)
+        if missing:
+            raise FedLoraError(f"missing {', '.join(sorted(missing))}")
+        delta, target = raw["delta"], raw["target_epsilon"]
+        if not (_number(delta) and 0 < delta < 1):
+            raise FedLoraError(f"delta {delta!r} not in (0, 1)")
+        if not (_number(target) and 0 < target < math.inf):
+            raise FedLoraError(f"target_epsilon {target!r} is not a positive number")
+        history = raw["history"]
+        if not isinstance(history, list):
+            raise FedLoraError("history is not a list")
+        for h in history:
+            if not (isinstance(h, list) and len(h) == 3 and _number(h[0]) and _number(h[1]) and _integer(h[2])
+                    and 0 < h[0] < math.inf and 0 < h[1] <= 1 and h[2] >= 1):
+                raise FedLoraError(f"history entry {h!r} is not [noise multiplier > 0, sample rate in (0, 1], steps >= 1]")
+        rounds = raw["rounds_trained"]
+        if not (isinstance(rounds, list) and all(_integer(r) and r >= 0 for r in rounds)):
+            raise FedLoraError("rounds_trained is not a list of round numbers")
+        total = sum(h[2] for h in history)
+        steps = raw.get("round_steps")
+        if steps is not None:
+            if not (isinstance(steps, list) and all(_integer(s) and s >= 1 for s in steps)):
+                raise FedLoraError("round_steps is not a list of positive step counts")
+            if len(steps) != len(rounds) or sum(steps) != total:
+                raise FedLoraError(f"history does not add up: {len(rounds)} rounds trained with {sum(steps)} steps "
+                                   f"({len(steps)} step counts), accountant has {total} steps")
+        elif bool(history) != bool(rounds) or total < len(rounds):
+            raise FedLoraError(f"history does not add up: {len(rounds)} rounds trained, accountant has {total} steps")
         state = RDPAccountant().state_dict()
-        state["history"] = [tuple(h) for h in raw["history"]]
-        return cls(raw["delta"], raw["target_epsilon"], state, list(raw["rounds_trained"]))
+        state["history"] = [(float(h[0]), float(h[1]), int(h[2])) for h in history]
+        return cls(float(delta), float(target), state, [int(r) for r in rounds],
+                   None if steps is None else [int(s) for s in steps])
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

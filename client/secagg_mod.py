@@ -21,6 +21,10 @@ from shared.secagg import crypto, masks, shamir
 from shared.secagg.protocol import RECORD, STATE_RECORD, Key, Stage
 from shared.secagg.quantize import QuantizationOverflow, RingFormat, encode
 
+SECAGG_ACTIVE = "secagg-active"
+"""context.state ConfigRecord present only while `_collect` runs training: the ClientApp's
+owner policy reads the threshold it agreed to from here, not from the server's message."""
+
 MASKED_RECORD = "secagg-masked"
 """ArrayRecord name of the masked vector (an ArrayRecord so Flower can chunk large payloads)."""
 
@@ -169,12 +173,17 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
                      max_weight=int(cfg[Key.MAX_WEIGHT]), clip=float(cfg[Key.CLIP]))
     global_arrays = msg.content.array_records.get("arrays", ArrayRecord())
     del msg.content[RECORD]
-    reply = call_next(msg, context)
+    context.state.config_records[SECAGG_ACTIVE] = ConfigRecord({
+        "t-global": int(state["t-global"]), "t-local": int(state["t-local"]), "group-size": len(state["ids"]) + 1})
+    try:
+        reply = call_next(msg, context)
+    finally:
+        del context.state.config_records[SECAGG_ACTIVE]
     if reply.has_error():
         raise SecAggClientError(f"local training failed: {reply.error.reason}")
     metrics = reply.content.metric_records.get("metrics", MetricRecord())
     local = reply.content.array_records.get("arrays", ArrayRecord())
-    weight = int(metrics.get("num-examples", 0))
+    weight = int(metrics.get("num-examples", 1))  # under DP no count leaves the client: each owner weighs 1
     declined = bool(metrics.get("declined", 0)) or len(local) == 0 or weight == 0
     out: dict = {Key.REJECTED: rejected}
     n_params = sum(int(np.prod(a.shape)) for a in global_arrays.values())

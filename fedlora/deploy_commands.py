@@ -38,6 +38,36 @@ def _cmd_server(args: argparse.Namespace) -> int:
                          log_file=Path(args.log_file) if args.log_file else None)
 
 
+def _policy_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from client.policy import OwnerPolicy
+
+    values = {}
+    for f in fields(OwnerPolicy):
+        value = getattr(args, "policy_" + f.name)
+        if value is not None:
+            values[f.name] = value
+    return OwnerPolicy(**values)
+
+
+def _add_policy_flags(parser: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from client.policy import OwnerPolicy
+
+    group = parser.add_argument_group("owner privacy policy (requests that break it are declined)")
+    for f in fields(OwnerPolicy):
+        dest = "policy_" + f.name
+        if f.type in (bool, "bool"):  # the flag relaxes a requirement that is on by default
+            group.add_argument(f.metadata["flag"], dest=dest, action="store_const", const=False, default=None,
+                               help=f.metadata["help"])
+        else:
+            kind = type(f.default)
+            group.add_argument(f.metadata["flag"], dest=dest, type=kind, default=None,
+                               help=f"{f.metadata['help']} (default {f.default})")
+
+
 def _cmd_client(args: argparse.Namespace) -> int:
     from client.agent import run_agent
 
@@ -48,7 +78,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
                      text_column=args.text_column, label_column=args.label_column,
                      target_epsilon=args.target_epsilon, ledger=Path(args.ledger) if args.ledger else None,
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
-                     insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries)
+                     insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
+                     policy=_policy_from_args(args))
 
 
 # --- run -----------------------------------------------------------------------------
@@ -197,13 +228,14 @@ def add_deploy_commands(sub) -> None:
     cli.add_argument("--text-column", default="text")
     cli.add_argument("--label-column", default="label")
     cli.add_argument("--target-epsilon", type=float, default=None,
-                     help="this owner's epsilon budget (overrides the operator's)")
+                     help="this owner's epsilon budget over all rounds; tightens the operator's, never loosens it")
     cli.add_argument("--ledger", default=None, help="epsilon ledger file (default ~/.fedlora/ledgers/ledger-<hash>.json)")
     cli.add_argument("--num-threads", type=int, default=1, help="torch threads for local training")
     cli.add_argument("--home", default=None, help="working folder for the SuperNode (default ~/.fedlora/agent/<hash>)")
     cli.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
     cli.add_argument("--no-validate", action="store_true", help=argparse.SUPPRESS)
     cli.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
+    _add_policy_flags(cli)
     cli.set_defaults(func=_cmd_client)
 
     run = sub.add_parser("run", help="submit a federated run to a server and stream its progress")

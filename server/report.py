@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+
+from client.policy import FAILURE_CODES, DeclineCode
 from rich.table import Table
 
 ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "clients_declined",
@@ -53,24 +55,28 @@ class RunReport:
 
     def add_round(self, server_round: int, evaluation: dict, client_metrics: list[dict], failed: int, seconds: float) -> dict:
         trained = [m for m in client_metrics if not m.get("declined")]
+        errored = [m for m in client_metrics if m.get("declined") and int(m.get("declined-code", 0)) in FAILURE_CODES]
         for m in client_metrics:
             cid = str(m.get("client-id"))
-            entry = self.clients.setdefault(cid, {"epsilon": 0.0, "delta": m.get("delta", 0.0), "num_examples": 0,
+            entry = self.clients.setdefault(cid, {"epsilon": 0.0, "delta": m.get("delta", 0.0), "num_examples": None,
                                                   "rounds_trained": 0, "bytes_uploaded": []})
-            entry["epsilon"] = _finite(float(m.get("epsilon", 0.0)))
+            if "epsilon" in m:  # a client that failed before reading its ledger reports none
+                entry["epsilon"] = _finite(float(m["epsilon"]))
             entry["delta"] = m.get("delta", entry["delta"])
             if not m.get("declined"):
-                entry["num_examples"] = int(m.get("num-examples", 0))
+                if "num-examples" in m:  # non-private runs only: under DP no count leaves a client
+                    entry["num_examples"] = int(m["num-examples"])
                 entry["rounds_trained"] += 1
                 entry["bytes_uploaded"].append({"round": server_round, "bytes": int(m.get("bytes-uploaded", 0))})
             else:
                 entry["declined_round"] = server_round
-        eps = [float(m.get("epsilon", 0.0)) for m in client_metrics]
+                entry["declined_code"] = int(m.get("declined-code", DeclineCode.BUDGET))
+        eps = [float(m["epsilon"]) for m in client_metrics if "epsilon" in m]
         row = {
             "round": server_round, **{k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")},
             "epsilon_max": _finite(max(eps)) if eps else None,
-            "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained),
-            "clients_failed": failed,
+            "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained) - len(errored),
+            "clients_failed": failed + len(errored),
             "bytes_uploaded": int(sum(int(m.get("bytes-uploaded", 0)) for m in trained)),
             "seconds": round(seconds, 2),
         }

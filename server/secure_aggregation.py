@@ -360,7 +360,7 @@ class _Round:
             wsum, total = decode_sum(acc.value, fmt, len(u3))
         except QuantizationOverflow as exc:
             raise self.fail(f"overflow: {exc}") from exc
-        claimed = sum(0 if m.get("declined", 0) else int(m.get("num-examples", 0)) for m in metrics.values())
+        claimed = sum(0 if m.get("declined", 0) else int(m.get("num-examples", 1)) for m in metrics.values())
         if total != claimed:
             raise self.fail(f"integrity: unmasked total weight {total} != reported num-examples {claimed}")
         arrays = self._apply(wsum, total)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Iterable, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -50,4 +50,12 @@ class FedLoraStrategy(FedAvg):
         trained, metrics, failed = self.split_replies(replies)
         if not trained:
             return None, metrics, failed
-        return aggregate_arrayrecords([m.content for m in trained], self.weighted_by_key), metrics, failed
+        return aggregate_arrayrecords(weighted_contents(trained, self.weighted_by_key), self.weighted_by_key), metrics, failed
+
+
+def weighted_contents(trained: list[Message], key: str) -> list[RecordDict]:
+    """FedAvg by example count when every client reports one (non-private runs); under DP
+    no count leaves a client, so every owner's update weighs the same."""
+    if all(key in m.content["metrics"] for m in trained):
+        return [m.content for m in trained]
+    return [RecordDict({"arrays": m.content["arrays"], "metrics": MetricRecord({key: 1})}) for m in trained]

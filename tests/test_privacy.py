@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from opacus.accountants import RDPAccountant
 
 from client.client_app import LEDGER_KEY, train
+from client.policy import DeclineCode
 from client.privacy import PrivacyLedger, plan_privacy
 from client.trainer import train_local
 from shared.data import SYNTHETIC_LABELS, client_partition, encode
@@ -77,10 +78,10 @@ def test_client_app_composes_across_rounds_and_declines_when_budget_is_spent(tin
     # both planned rounds are spent: a third round would exceed the target, so the client declines
     reply = train(_train_message(tiny_cfg, model, 3), _context({"partition-id": 0, "num-partitions": 3}))
     metrics = reply.content["metrics"]
-    assert metrics["declined"] == 1 and metrics["num-examples"] == 0
+    assert metrics["declined"] == 1 and metrics["declined-code"] == DeclineCode.BUDGET
+    assert "num-examples" not in metrics and "epsilon-next" not in metrics  # details stay in the owner's log
     assert len(reply.content["arrays"]) == 0
     assert metrics["epsilon"] == pytest.approx(eps[1])
-    assert metrics["epsilon-next"] > tiny_cfg.target_epsilon
     assert json.loads(ledger_file.read_text())["rounds_trained"] == [1, 2]  # declining spends nothing
 
 
