@@ -1,0 +1,256 @@
+"""Empirical privacy audit: how much do the final adapter and the per-round aggregates
+really tell about one owner's examples? A lower bound on epsilon from one training run.
+
+Method (Steinke, Nasr, Jagielski 2023, "Privacy auditing with one (1) training run"):
+`m` canaries (random-token texts with random labels) are made for one owner; each is
+included in that owner's data independently with probability 1/2. The federation trains
+once, through the project's one training path (`client/trainer.py::train_local`, with the
+owner's real `PrivacyPlan` and `PrivacyLedger`), FedAvg with equal weights (as under DP).
+An attacker then scores every canary and guesses "included" for the k highest and
+"excluded" for the k lowest scores. Under (eps, delta)-DP the number of correct guesses
+among the 2k is dominated by Binomial(2k, e^eps / (1 + e^eps)) up to a delta term
+(their Theorem 3 / Algorithm 2), so an observed count that would be too unlikely under
+that binomial refutes eps: the largest refuted eps, at 95% confidence, is the bound.
+k is taken from a fixed grid with a Bonferroni correction, so the bound stays valid.
+
+Two attackers:
+- `final`: the final global adapter only (what anyone given the trained model has):
+  score = the canary's loss under the initial adapter minus its loss under the final one.
+- `rounds`: every round's aggregate (what the server sees): score = sum over rounds of
+  the alignment between the canary's normalised gradient at the round's start and the
+  round's aggregate descent step.
+
+    python -m simulations.audit --runs 1 --dp off --dp 1 --dp 8 --output runs/audit.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import string
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from client.privacy import PrivacyLedger, plan_privacy
+from client.trainer import train_local
+from shared.config import FedConfig
+from shared.data import SYNTHETIC_LABELS, client_partition, encode, trim_padding
+from shared.lora import build_model, load_trainable_state, trainable_state
+
+CONFIDENCE = 0.95
+K_FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)  # guesses per side, as fractions of m/2
+
+
+# --- the bound (Steinke, Nasr, Jagielski 2023, Algorithm 2) ---------------------------
+
+def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """P[at least v of r guesses correct] under (eps, delta)-DP with m canaries."""
+    q = 1.0 / (1.0 + math.exp(-eps))
+    beta = float(stats.binom.sf(v - 1, r, q))
+    alpha, tail = 0.0, 0.0
+    for i in range(1, v + 1):  # alpha = max_i P[v > Bin(r, q) >= v - i] / i
+        tail += float(stats.binom.pmf(v - i, r, q))
+        alpha = max(alpha, tail / i)
+    return min(1.0, beta + alpha * delta * 2 * m)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, p: float) -> float:
+    """The largest eps with p_value < p (eps is refuted at confidence 1 - p); 0 if none."""
+    if r == 0 or p_value(m, r, v, 0.0, delta) >= p:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p_value(m, r, v, hi, delta) < p:
+        lo, hi = hi, hi * 2
+        if hi > 100:
+            return lo
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if p_value(m, r, v, mid, delta) < p else (lo, mid)
+    return lo
+
+
+def audit_scores(scores: np.ndarray, included: np.ndarray, delta: float) -> dict:
+    """Bonferroni over the k grid: (eps lower bound, guesses, correct, k)."""
+    m = len(scores)
+    order = np.argsort(-scores)  # most likely included first
+    best = {"epsilon_lb": 0.0, "guesses": 0, "correct": 0, "k": 0}
+    p = (1 - CONFIDENCE) / len(K_FRACTIONS)
+    for frac in K_FRACTIONS:
+        k = max(1, int(frac * m / 2))
+        top, bottom = order[:k], order[m - k:]
+        v = int(included[top].sum() + (~included[bottom]).sum())
+        eps = epsilon_lower_bound(m, 2 * k, v, delta, p)
+        if eps > best["epsilon_lb"] or best["k"] == 0:
+            best = {"epsilon_lb": eps, "guesses": 2 * k, "correct": v, "k": k}
+    auc = _auc(scores, included)
+    return best | {"auc": auc}
+
+
+def _auc(scores: np.ndarray, included: np.ndarray) -> float:
+    ranks = stats.rankdata(scores)
+    n1, n0 = int(included.sum()), int((~included).sum())
+    return float((ranks[included].sum() - n1 * (n1 + 1) / 2) / max(1, n1 * n0))
+
+
+# --- canaries and training ---------------------------------------------------------------
+
+def make_canaries(m: int, rng: np.random.Generator, words: int = 8) -> pd.DataFrame:
+    letters = np.array(list(string.ascii_lowercase))
+    texts = [" ".join("".join(rng.choice(letters, size=rng.integers(3, 8))) for _ in range(words)) for _ in range(m)]
+    labels = [SYNTHETIC_LABELS[i] for i in rng.integers(0, len(SYNTHETIC_LABELS), size=m)]
+    return pd.DataFrame({"text": texts, "label": labels})
+
+
+def _losses(model, ds) -> np.ndarray:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ds), 256):
+            ids, mask, y = ds[i:i + 256]
+            ids, mask = trim_padding(ids, mask)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            out.append(torch.nn.functional.cross_entropy(logits, y, reduction="none").numpy())
+    return np.concatenate(out)
+
+
+def _unit_gradients(model, ds) -> np.ndarray:
+    """Each canary's loss gradient over the trainable tensors, normalised to length 1."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    grads = []
+    for i in range(len(ds)):
+        ids, mask, y = ds[i:i + 1]
+        ids, mask = trim_padding(ids, mask)
+        loss = model(input_ids=ids, attention_mask=mask, labels=y).loss
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]).numpy()
+        grads.append(g / max(np.linalg.norm(g), 1e-12))
+    return np.stack(grads)
+
+
+def _flat(state: dict, keys: list[str]) -> np.ndarray:
+    return np.concatenate([state[k].reshape(-1).astype(np.float64) for k in keys])
+
+
+@dataclass
+class RunResult:
+    dp: str
+    claimed_epsilon: float | None
+    spent_epsilon: float | None
+    canaries: int
+    included: int
+    owner_examples: int
+    final: dict
+    rounds: dict
+    seconds: float
+
+
+def run_once(cfg: FedConfig, m: int, seed: int, owners: int) -> RunResult:
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)  # the auditor's coins: which canaries go in
+    canaries = make_canaries(m, rng)
+    included = rng.random(m) < 0.5
+    model, tokenizer = build_model(cfg, len(SYNTHETIC_LABELS))
+    canary_ds = encode(canaries, SYNTHETIC_LABELS, tokenizer, cfg.max_length)
+    datasets = []
+    for pid in range(owners):
+        frame = client_partition(cfg, pid)[["text", "label"]]
+        if pid == 0:
+            frame = pd.concat([frame, canaries[included]], ignore_index=True)
+        datasets.append(encode(frame, SYNTHETIC_LABELS, tokenizer, cfg.max_length))
+    plans = [plan_privacy(cfg, len(ds)) if cfg.dp else None for ds in datasets]
+    ledgers = [PrivacyLedger(cfg.delta, cfg.target_epsilon) if cfg.dp else None for _ in datasets]
+
+    keys = sorted(trainable_state(model))
+    global_state = trainable_state(model)
+    initial_losses = _losses(model, canary_ds)
+    round_scores = np.zeros(m)
+    for rnd in range(1, cfg.rounds + 1):
+        load_trainable_state(model, global_state)
+        grads = _unit_gradients(model, canary_ds)  # the attacker holds the round's starting global
+        deltas = []
+        for ds, plan, ledger in zip(datasets, plans, ledgers):
+            load_trainable_state(model, global_state)
+            train_local(model, ds, cfg, ledger, plan, server_round=rnd)
+            deltas.append(_flat(trainable_state(model), keys) - _flat(global_state, keys))
+        step = np.mean(deltas, axis=0)  # equal weights, as under DP; this is what the server learns
+        round_scores += grads @ (-step)  # a canary that trained pushes the global down its own loss
+        flat_new = _flat(global_state, keys) + step
+        pos, new_state = 0, {}
+        for k in keys:
+            size = global_state[k].size
+            new_state[k] = flat_new[pos:pos + size].reshape(global_state[k].shape).astype(global_state[k].dtype)
+            pos += size
+        global_state = new_state
+    load_trainable_state(model, global_state)
+    final_scores = initial_losses - _losses(model, canary_ds)
+    delta = cfg.delta if cfg.dp else 0.0
+    return RunResult(
+        dp=f"eps={cfg.target_epsilon:g}" if cfg.dp else "off",
+        claimed_epsilon=cfg.target_epsilon if cfg.dp else None,
+        spent_epsilon=ledgers[0].epsilon() if cfg.dp else None,
+        canaries=m, included=int(included.sum()), owner_examples=len(datasets[0]),
+        final=audit_scores(final_scores, included, delta), rounds=audit_scores(round_scores, included, delta),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dp", action="append", default=None, help="'off' or a target epsilon; repeat (default: off 1 8)")
+    ap.add_argument("--canaries", type=int, default=1000)
+    ap.add_argument("--runs", type=int, default=1, help="independent runs per setting (seeds seed..seed+runs-1)")
+    ap.add_argument("--owners", type=int, default=2, help="owners in the federation (owner 0 holds the canaries)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", default="runs/audit.json")
+    ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    ap.add_argument("overrides", nargs="*", help="FedConfig key=value, e.g. model=minilm rounds=4")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    base = {"model": "tiny-bert", "brands": args.owners, "num_clients": args.owners, "examples_per_brand": 400,
+            "max_length": 32, "output": ""}
+    for item in args.overrides:
+        key, _, value = item.partition("=")
+        base[key.replace("_", "-")] = value
+    cfg = FedConfig.from_run_config({k.replace("_", "-"): v for k, v in base.items()})
+
+    results = []
+    for setting in args.dp or ["off", "1", "8"]:
+        run_cfg = cfg.replace(dp=False) if setting == "off" else cfg.replace(dp=True, target_epsilon=float(setting))
+        for i in range(args.runs):
+            res = run_once(run_cfg, args.canaries, args.seed + i, args.owners)
+            results.append(res)
+            print(f"[{res.dp} run {i}] final eps_lb {res.final['epsilon_lb']:.3f} (auc {res.final['auc']:.3f}), "
+                  f"rounds eps_lb {res.rounds['epsilon_lb']:.3f} (auc {res.rounds['auc']:.3f}), {res.seconds} s",
+                  file=sys.stderr, flush=True)
+
+    header = f"{'DP':>8} {'claimed':>8} {'spent':>7} {'runs':>4} {'m':>5} {'in':>4} | " \
+             f"{'final: eps_lb':>13} {'AUC':>5} {'v/r':>9} | {'rounds: eps_lb':>14} {'AUC':>5} {'v/r':>9}"
+    print(header)
+    print("-" * len(header))
+    for res in results:
+        claimed = f"{res.claimed_epsilon:g}" if res.claimed_epsilon else "-"
+        spent = f"{res.spent_epsilon:.2f}" if res.spent_epsilon is not None else "-"
+        f, r = res.final, res.rounds
+        print(f"{res.dp:>8} {claimed:>8} {spent:>7} {1:>4} {res.canaries:>5} {res.included:>4} | "
+              f"{f['epsilon_lb']:>13.3f} {f['auc']:>5.3f} {f['correct']:>4}/{f['guesses']:<4} | "
+              f"{r['epsilon_lb']:>14.3f} {r['auc']:>5.3f} {r['correct']:>4}/{r['guesses']:<4}")
+    out = {"method": "Steinke, Nasr, Jagielski 2023 (one run), 95% confidence, Bonferroni over k",
+           "config": cfg.to_run_config(), "owners": args.owners, "results": [asdict(r) for r in results]}
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as fh:
+            json.dump(out, fh, indent=2)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
