@@ -17,8 +17,8 @@ Two attackers:
 - `final`: the final global adapter only (what anyone given the trained model has):
   score = the canary's loss under the initial adapter minus its loss under the final one.
 - `rounds`: every round's aggregate (what the server sees): score = sum over rounds of
-  the alignment between the canary's normalised gradient at the round's start and the
-  round's aggregate descent step.
+  the alignment between the canary's normalised task-head gradient at the round's start
+  and the round's aggregate step on the head (the head moves most per example).
 
     python -m simulations.audit --runs 1 --dp off --dp 1 --dp 8 --output runs/audit.json
 """
@@ -29,9 +29,9 @@ import argparse
 import json
 import math
 import os
-import string
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -102,9 +102,12 @@ def _auc(scores: np.ndarray, included: np.ndarray) -> float:
 
 # --- canaries and training ---------------------------------------------------------------
 
-def make_canaries(m: int, rng: np.random.Generator, words: int = 8) -> pd.DataFrame:
-    letters = np.array(list(string.ascii_lowercase))
-    texts = [" ".join("".join(rng.choice(letters, size=rng.integers(3, 8))) for _ in range(words)) for _ in range(m)]
+def make_canaries(m: int, rng: np.random.Generator, tokenizer, words: int = 10) -> pd.DataFrame:
+    """Random sentences of whole vocabulary words with random labels: far from the task's
+    data, unlike each other, so a model that trains on one moves that one's loss."""
+    vocab = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.isascii() and len(w) >= 3)
+    vocab = np.array(vocab)
+    texts = [" ".join(rng.choice(vocab, size=words)) for _ in range(m)]
     labels = [SYNTHETIC_LABELS[i] for i in rng.integers(0, len(SYNTHETIC_LABELS), size=m)]
     return pd.DataFrame({"text": texts, "label": labels})
 
@@ -121,22 +124,48 @@ def _losses(model, ds) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _unit_gradients(model, ds) -> np.ndarray:
-    """Each canary's loss gradient over the trainable tensors, normalised to length 1."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def _head(model) -> tuple[str, torch.nn.Linear]:
+    """The trainable task head (peft's modules_to_save copy of the classifier)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad and "lora_" not in name:
+            return name, module
+    raise RuntimeError("no trainable task head")
+
+
+def _unit_head_gradients(model, ds, batch: int = 256) -> np.ndarray:
+    """Each canary's loss gradient on the task head, (softmax - onehot) x features and the
+    bias part, normalised to length 1, in `trainable_state` order (weight, then bias)."""
+    _, head = _head(model)
+    seen = []
+    hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
     model.eval()
-    grads = []
-    for i in range(len(ds)):
-        ids, mask, y = ds[i:i + 1]
-        ids, mask = trim_padding(ids, mask)
-        loss = model(input_ids=ids, attention_mask=mask, labels=y).loss
-        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(loss, params)]).numpy()
-        grads.append(g / max(np.linalg.norm(g), 1e-12))
-    return np.stack(grads)
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ds), batch):
+                ids, mask, y = ds[i:i + batch]
+                ids, mask = trim_padding(ids, mask)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                err = torch.softmax(logits.double(), dim=-1) - torch.nn.functional.one_hot(y, logits.shape[-1]).double()
+                feats = seen.pop().double()
+                g = torch.cat([(err[:, :, None] * feats[:, None, :]).reshape(len(y), -1), err], dim=1).numpy()
+                out.append(g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
+    finally:
+        hook.remove()
+    return np.concatenate(out)
 
 
 def _flat(state: dict, keys: list[str]) -> np.ndarray:
     return np.concatenate([state[k].reshape(-1).astype(np.float64) for k in keys])
+
+
+def _unflat(flat: np.ndarray, like: dict, keys: list[str]) -> dict:
+    pos, out = 0, {}
+    for k in keys:
+        size = like[k].size
+        out[k] = flat[pos:pos + size].reshape(like[k].shape).astype(like[k].dtype)
+        pos += size
+    return out
 
 
 @dataclass
@@ -155,9 +184,9 @@ class RunResult:
 def run_once(cfg: FedConfig, m: int, seed: int, owners: int) -> RunResult:
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)  # the auditor's coins: which canaries go in
-    canaries = make_canaries(m, rng)
-    included = rng.random(m) < 0.5
     model, tokenizer = build_model(cfg, len(SYNTHETIC_LABELS))
+    canaries = make_canaries(m, rng, tokenizer)
+    included = rng.random(m) < 0.5
     canary_ds = encode(canaries, SYNTHETIC_LABELS, tokenizer, cfg.max_length)
     datasets = []
     for pid in range(owners):
@@ -169,26 +198,24 @@ def run_once(cfg: FedConfig, m: int, seed: int, owners: int) -> RunResult:
     ledgers = [PrivacyLedger(cfg.delta, cfg.target_epsilon) if cfg.dp else None for _ in datasets]
 
     keys = sorted(trainable_state(model))
+    head_name, _ = _head(model)
+    head_keys = [k for k in keys if k.startswith(head_name + ".")]
+    head_keys = sorted(head_keys, key=lambda k: not k.endswith("weight"))  # weight, then bias
     global_state = trainable_state(model)
     initial_losses = _losses(model, canary_ds)
     round_scores = np.zeros(m)
     for rnd in range(1, cfg.rounds + 1):
         load_trainable_state(model, global_state)
-        grads = _unit_gradients(model, canary_ds)  # the attacker holds the round's starting global
+        grads = _unit_head_gradients(model, canary_ds)  # the attacker holds the round's starting global
         deltas = []
         for ds, plan, ledger in zip(datasets, plans, ledgers):
             load_trainable_state(model, global_state)
             train_local(model, ds, cfg, ledger, plan, server_round=rnd)
             deltas.append(_flat(trainable_state(model), keys) - _flat(global_state, keys))
         step = np.mean(deltas, axis=0)  # equal weights, as under DP; this is what the server learns
-        round_scores += grads @ (-step)  # a canary that trained pushes the global down its own loss
-        flat_new = _flat(global_state, keys) + step
-        pos, new_state = 0, {}
-        for k in keys:
-            size = global_state[k].size
-            new_state[k] = flat_new[pos:pos + size].reshape(global_state[k].shape).astype(global_state[k].dtype)
-            pos += size
-        global_state = new_state
+        head_step = _flat({k: v for k, v in _unflat(step, global_state, keys).items()}, head_keys)
+        round_scores += grads @ (-head_step)  # a canary that trained pushes the head down its own loss
+        global_state = _unflat(_flat(global_state, keys) + step, global_state, keys)
     load_trainable_state(model, global_state)
     final_scores = initial_losses - _losses(model, canary_ds)
     delta = cfg.delta if cfg.dp else 0.0
