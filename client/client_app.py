@@ -105,8 +105,7 @@ def train(msg: Message, context: Context) -> Message:
     except Declined as exc:
         code, detail, report = exc.code, str(exc), exc.report
     except Exception as exc:  # noqa: BLE001 - the server gets a code, the owner the traceback
-        code, detail, report = DeclineCode.INTERNAL, "".join(traceback.format_exception_only(exc)).strip(), {}
-        log.debug("client failure", exc_info=exc)
+        code, detail, report = DeclineCode.INTERNAL, traceback.format_exc().strip(), {}
     owner_log(context, f"fedlora client: round {server_round}: declined-code {int(code)} ({code.name}): {detail}")
     metrics = {"declined": 1, "declined-code": int(code), "bytes-uploaded": 0, **report}
     return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(metrics)}), reply_to=msg)
