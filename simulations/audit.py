@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dp", action="append", default=None, help="'off' or a target epsilon; repeat (default: off 1 8)")
     ap.add_argument("--canaries", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=1, help="independent runs per setting (seeds seed..seed+runs-1)")
-    ap.add_argument("--owners", type=int, default=2, help="owners in the federation (owner 0 holds the canaries)")
+    ap.add_argument("--owners", type=int, default=1,
+                    help="owners in the federation (owner 0 holds the canaries); with 1 the per-round aggregate is "
+                         "that owner's own update, the worst case (every other owner colluding with the server)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", default="runs/audit.json")
     ap.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))

@@ -37,7 +37,7 @@ def test_three_clients_two_rounds_write_summary_with_the_documented_keys(run):
         assert {"round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "bytes_uploaded"} <= set(r)
         assert r["clients_trained"] == 3 and r["bytes_uploaded"] > 0
     assert set(on_disk["final"]) >= {"accuracy", "macro_f1"}
-    assert set(on_disk["clients"]) == {"0", "1", "2"}
+    assert len(on_disk["clients"]) == 3  # under DP no partition id leaves a client: keyed by node id
     for c in on_disk["clients"].values():
         assert {"epsilon", "delta", "num_examples", "rounds_trained"} <= set(c)
         assert 0 < c["epsilon"] <= cfg.target_epsilon and c["rounds_trained"] == 2 and c["delta"] == cfg.delta
