@@ -63,3 +63,15 @@ def test_poisson_batches_have_the_planned_rate_and_differ_between_streams():
     assert a != b
     sizes = [len(x) for x in a]
     assert 700 < sum(sizes) < 1300
+
+
+def test_opacus_secure_rng_warning_is_replaced_by_one_log_line(caplog, recwarn):
+    import client.secure_random as sr
+
+    sr._noticed = False
+    with caplog.at_level("WARNING", logger="fedlora.client"):
+        sr.privacy_engine()
+        sr.privacy_engine()
+    lines = [r.getMessage() for r in caplog.records if "secure_mode is off" in r.getMessage()]
+    assert len(lines) == 1 and "ChaCha20" in lines[0] and "os.urandom" in lines[0]
+    assert not [w for w in recwarn if "Secure RNG turned off" in str(w.message)]
