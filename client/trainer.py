@@ -46,23 +46,59 @@ def _split(model: torch.nn.Module) -> tuple[list, list]:
 
 
 def parameter_groups(model: torch.nn.Module, cfg: FedConfig) -> list[dict]:
-    """The task head and the LoRA B matrices learn at their own rates.
+    """The LoRA B matrices and the task head learn at their own rates (and, by default,
+    with their own algorithm).
 
-    The head's per-example gradients are ~20x larger than B's. Under DP with SGD the
-    rates are per unit of clipped gradient (divided by the clipping norm), so changing
-    --max-grad-norm changes how much is clipped, not how far a step goes.
+    The head's per-example gradients are ~20x larger than B's. The head follows SGD with
+    momentum, whose rate under DP is per unit of clipped gradient (divided by the
+    clipping norm), so --max-grad-norm changes how much is clipped, not how far a step
+    goes. B's signal is weak next to the noise, so it follows Adam (per-coordinate steps).
     """
     adapter, head = _split(model)
-    scale = 1.0 / cfg.max_grad_norm if (cfg.dp and cfg.optimizer == "sgd") else 1.0
-    groups = ({"params": adapter, "lr": cfg.lr * scale}, {"params": head, "lr": cfg.head_lr * scale})
+    head_algo = "adam" if cfg.optimizer == "adam" else "sgd"
+    adapter_algo = "sgd" if cfg.optimizer == "sgd" else "adam"
+
+    def rate(lr: float, algo: str) -> float:
+        return lr / cfg.max_grad_norm if (cfg.dp and algo == "sgd") else lr
+
+    groups = ({"params": adapter, "lr": rate(cfg.lr, adapter_algo), "algo": adapter_algo},
+              {"params": head, "lr": rate(cfg.head_lr, head_algo), "algo": head_algo})
     return [g for g in groups if g["params"]]
 
 
+class GroupOptimizer(torch.optim.Optimizer):
+    """SGD with momentum for some parameter groups, Adam for others, as one optimizer
+    (Opacus wraps a single optimizer; each group's "algo" picks its update)."""
+
+    def __init__(self, groups: list[dict], momentum: float = 0.9, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+        super().__init__(groups, {"momentum": momentum, "betas": betas, "eps": eps, "algo": "sgd"})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["algo"] == "sgd":
+                    buf = state.setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    p.add_(buf, alpha=-group["lr"])
+                    continue
+                state["step"] = state.get("step", 0) + 1
+                m = state.setdefault("exp_avg", torch.zeros_like(p))
+                v = state.setdefault("exp_avg_sq", torch.zeros_like(p))
+                b1, b2 = group["betas"]
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (v / (1 - b2 ** state["step"])).sqrt_().add_(group["eps"])
+                p.addcdiv_(m, denom, value=-group["lr"] / (1 - b1 ** state["step"]))
+        return loss
+
+
 def make_optimizer(model: torch.nn.Module, cfg: FedConfig) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups)
-    return torch.optim.SGD(groups, momentum=0.9)
+    return GroupOptimizer(parameter_groups(model, cfg))
 
 
 def clip_norms(optimizer: torch.optim.Optimizer, cfg: FedConfig) -> float | list[float]:

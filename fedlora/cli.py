@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):  # quiet by default: --verbose shows the libraries' own chatter
+        import warnings
+
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
     try:
         return args.func(args)
     except FedLoraError as exc:

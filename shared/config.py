@@ -24,7 +24,7 @@ class FedConfig:
     lora_rank: int = 4
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
-    lora_layers: int = 0  # adapt only the top N transformer layers (0: all); backward stops below them
+    lora_layers: int = 2  # adapt only the top N transformer layers (0: all); backward stops below them
     max_length: int = 0  # 0: from the data (95th percentile of token counts, bucketed); N: exactly N tokens
     max_length_cap: int = 256  # the longest length the data-driven choice may pick (time and memory budget)
     # data
@@ -43,18 +43,18 @@ class FedConfig:
     num_clients: int = 6
     fraction: float = 1.0
     rounds: int = 8
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 128  # expected (Poisson) batch size under DP
-    optimizer: str = "adam"  # "sgd" (momentum 0.9; under DP its rates are per unit of clipped gradient) or "adam"
+    optimizer: str = "mixed"  # "mixed": SGD+momentum on the head, Adam on the adapter; or "sgd" / "adam" for both
     lr: float = 0.03  # LoRA adapter tensors
-    head_lr: float = 0.2  # task head
+    head_lr: float = 4.0  # task head
     seed: int = 0
     # privacy
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 0.3
-    clipping: str = "flat"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
+    max_grad_norm: float = 1.0
+    clipping: str = "split"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
     # secure aggregation
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
@@ -72,8 +72,8 @@ class FedConfig:
     def validate(self) -> None:
         if self.lora not in ("ffa", "plain"):
             raise FedLoraError(f"--lora must be 'ffa' or 'plain', got {self.lora!r}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise FedLoraError(f"--optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.optimizer not in ("mixed", "sgd", "adam"):
+            raise FedLoraError(f"--optimizer must be 'mixed', 'sgd' or 'adam', got {self.optimizer!r}")
         if self.clipping not in ("split", "flat"):
             raise FedLoraError(f"--clipping must be 'split' or 'flat', got {self.clipping!r}")
         if self.partition != "iid" and not self.partition.startswith("dirichlet:"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import datasets
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 from torch.utils.data import TensorDataset
@@ -25,6 +26,8 @@ from shared.config import FedConfig
 from shared.errors import FedLoraError
 
 SYNTHETIC_LABELS = ["negative", "positive"]
+
+datasets.disable_progress_bars()  # partitioning is instant; bars would only clutter the run's output
 
 # --- synthetic federation -------------------------------------------------------------
 

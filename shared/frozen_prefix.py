@@ -84,7 +84,7 @@ def _features(model: nn.Module, dataset: TensorDataset, start: int, batch_size: 
     input_ids, attention_mask, labels = dataset.tensors
     was_training = model.training
     model.eval()
-    hidden = torch.zeros(*input_ids.shape, inner.config.hidden_size, dtype=torch.float16)
+    hidden = torch.zeros(*input_ids.shape, inner.config.hidden_size)
     order = torch.argsort(attention_mask.sum(1))  # similar lengths together: less padding to compute
     layers = bert.encoder.layer
     try:
@@ -92,7 +92,7 @@ def _features(model: nn.Module, dataset: TensorDataset, start: int, batch_size: 
         for chunk in order.split(batch_size):
             ids, mask = trim_padding(input_ids[chunk], attention_mask[chunk])
             out = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-            hidden[chunk, : ids.shape[1]] = out.to(torch.float16)
+            hidden[chunk, : ids.shape[1]] = out
     finally:
         bert.encoder.layer = layers
         model.train(was_training)
@@ -104,7 +104,7 @@ def prefix_features(model: nn.Module, dataset: TensorDataset, start: int, key: s
 
     `key` names the frozen weights (model and seed); the data's own bytes complete the
     cache key, so two clients never share an entry unless their tokens are identical.
-    Stored in float16 to halve the memory a worker keeps per client.
+    Kept in float32 so evaluation on the cache reproduces the full model exactly.
     """
     input_ids, attention_mask, labels = dataset.tensors
     digest = hashlib.sha256()
