@@ -98,6 +98,8 @@ class GroupOptimizer(torch.optim.Optimizer):
 
 
 def make_optimizer(model: torch.nn.Module, cfg: FedConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(parameter_groups(model, cfg))
     return GroupOptimizer(parameter_groups(model, cfg))
 
 

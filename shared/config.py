@@ -24,7 +24,7 @@ class FedConfig:
     lora_rank: int = 4
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
-    lora_layers: int = 2  # adapt only the top N transformer layers (0: all); backward stops below them
+    lora_layers: int = 0  # adapt only the top N transformer layers (0: all); backward stops below them
     max_length: int = 0  # 0: from the data (95th percentile of token counts, bucketed); N: exactly N tokens
     max_length_cap: int = 256  # the longest length the data-driven choice may pick (time and memory budget)
     # data
@@ -43,18 +43,18 @@ class FedConfig:
     num_clients: int = 6
     fraction: float = 1.0
     rounds: int = 8
-    local_epochs: int = 2
+    local_epochs: int = 1
     batch_size: int = 128  # expected (Poisson) batch size under DP
-    optimizer: str = "mixed"  # "mixed": SGD+momentum on the head, Adam on the adapter; or "sgd" / "adam" for both
+    optimizer: str = "adam"  # "adam" for both; "mixed": SGD+momentum on the head, Adam on the adapter; "sgd" for both
     lr: float = 0.03  # LoRA adapter tensors
-    head_lr: float = 4.0  # task head
+    head_lr: float = 0.2  # task head
     seed: int = 0
     # privacy
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    clipping: str = "split"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
+    max_grad_norm: float = 0.3
+    clipping: str = "flat"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
     # secure aggregation
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
