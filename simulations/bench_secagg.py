@@ -15,9 +15,11 @@ import argparse
 import copy
 import math
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -26,8 +28,10 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.secagg_mod import secagg_mod
-from server.secure_aggregation import SecAggConfig, resolve_neighbours, secure_aggregate
+from server.secure_aggregation import SecAggConfig, secure_aggregate
+from shared.secagg.protocol import resolve_k
 from shared.secagg import masks
+from shared.secagg.identity import make_simulation_keys
 from shared.secagg.protocol import RECORD
 
 
@@ -55,7 +59,10 @@ class InProcessGrid(Grid):
         ensure_task_identity()
         self.trains = trains
         self.mod = mod
-        self.contexts = {nid: Context(1, nid, {}, RecordDict(), {}) for nid in trains}
+        self.key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
+        roster = make_simulation_keys(self.key_dir, [f"node-{nid}" for nid in trains])
+        self.contexts = {nid: Context(1, nid, {"secagg-key": str(self.key_dir / f"node-{nid}"),
+                                               "secagg-roster": str(roster)}, RecordDict(), {}) for nid in trains}
         self.drop: Callable[[str | None, int], bool] = lambda stage, nid: False
         self.on_deliver: Callable[[Message], Message] = lambda m: m
         self.on_reply: Callable[[Message], Message] = lambda m: m
@@ -212,7 +219,7 @@ def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> fl
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
     ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([a.numpy() for a in g.values()]), keep_input=True)
-    shares = resolve_neighbours(None, n) + 1
+    shares = resolve_k(n, None) + 1
     shares += 1 - shares % 2
     wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
                             reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
@@ -241,7 +248,7 @@ def flwr_mask_cost(n: int, n_params: int) -> float:
     server regenerating n self masks, all via ``pseudo_rand_gen`` (k as in our round)."""
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-    k = resolve_neighbours(None, n)
+    k = resolve_k(n, None)
     shape = [(n_params,)]
     t0 = time.perf_counter()
     for _ in range(n * (k + 1) + n):
@@ -250,7 +257,7 @@ def flwr_mask_cost(n: int, n_params: int) -> float:
 
 
 def ours_mask_cost(n: int, n_params: int) -> float:
-    k = resolve_neighbours(None, n)
+    k = resolve_k(n, None)
     acc = np.zeros(n_params + 1, dtype=np.uint64)
     t0 = time.perf_counter()
     for _ in range(n * (k + 1) + n):
@@ -277,7 +284,7 @@ def main() -> None:
         flwr_full = flwr_secaggplus_round(n, p, rng) if not args.skip_flwr else math.nan
         ours_m = ours_mask_cost(n, p)
         flwr_m = flwr_mask_cost(n, p)
-        print(f"{n:>7} {p:>9} {resolve_neighbours(None, n):>3} {plain:>8.3f} {sec:>8.3f} {sec / plain:>6.2f} "
+        print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {plain:>8.3f} {sec:>8.3f} {sec / plain:>6.2f} "
               f"{flwr_full:>8.3f} {flwr_full / plain:>6.2f} {client / n:>18.4f} {sec - client:>13.3f} "
               f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
     ours, theirs = mask_throughput(args.params)

@@ -4,7 +4,8 @@ Each client encodes ``round(w * delta * scale)`` (two's complement in the ring) 
 its integer weight ``w``. The format is fixed by the server before training from public
 quantities only (number of clients ``n``, max weight ``W``, clip range ``C`` on
 ``|delta|_inf``) so that the sum of ``n`` in-range contributions can never wrap:
-``n * W * C * scale < 2^(b-1)``. A client whose update or weight is outside the declared
+``n * W * C * scale <= 2^(b-2)`` (a spare bit of headroom covers rounding, so
+n honest clients never overflow; clients clip to C and cap their weight at W). A client whose update or weight is outside the declared
 range raises :class:`QuantizationOverflow` instead of wrapping silently.
 
 Error bound: each client's rounding error is at most 1/2 unit, so after dividing by the total
@@ -66,7 +67,7 @@ def choose_format(
     if bits is None:
         bits = 32 if 1 + _RESOLUTION_BITS + math.ceil(math.log2(span)) <= 32 else 64
     ring_dtype(bits)
-    scale = 2.0 ** math.floor(math.log2(((1 << (bits - 1)) - 1) / (span * clip)))
+    scale = 2.0 ** math.floor(math.log2(2.0 ** (bits - 2) / (span * clip)))
     if scale * clip < 2.0**10:
         raise ValueError(
             f"a {bits}-bit ring leaves under 10 bits of resolution for {n} clients, "
