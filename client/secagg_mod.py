@@ -150,17 +150,20 @@ def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> 
     if not set(ids) <= set(state["neighbours"]):
         raise SecAggClientError("server introduced keys of nodes that are not my neighbours")
     roster = identity.load_identity(context.node_config).roster
-    ok_ids, pk_c, pk_s, fps = [], [], [], []
+    ok_ids, pk_c, pk_s, fps, bad = [], [], [], [], []
     seen_fp = {state["fp"]}
     for j, pc, ps, cm, fp, sig in zip(ids, *cols):
         if not all(isinstance(x, bytes) for x in (pc, ps, cm, fp, sig)) or not (len(pc) == len(ps) == len(cm) == 32):
+            bad.append(j)
             continue
         pub = roster.get(fp)
         if pub is None or fp in seen_fp:
+            bad.append(j)
             continue  # not a registered owner, or an owner already present under another node id
         data = ad_bytes(state["sid"], state["round"], j, state["digest"], state["k"], state["t"], state["t-local"],
                         pc, ps, cm)
         if not identity.verify(pub, sig, data):
+            bad.append(j)
             continue  # forged, or the signer saw another round (node list, degree, thresholds)
         seen_fp.add(fp)
         ok_ids.append(j)
@@ -185,7 +188,7 @@ def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> 
         dsts.append(j)
         cts.append(crypto.encrypt_share(key, plaintext, sid=state["sid"], rnd=state["round"], src=node, dst=j))
     state["ids"], state["pk-c"], state["pk-s"], state["fps"] = ok_ids, pk_c, pk_s, fps
-    return {Key.DST: dsts, Key.CT: cts}
+    return {Key.DST: dsts, Key.CT: cts, Key.REJECTED: bad}
 
 
 def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:

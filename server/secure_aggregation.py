@@ -258,11 +258,14 @@ class _Round:
         replies = self.exchange(Stage.SHARE_KEYS, payloads)
         fwd: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in u1}
         u2 = set()
+        accused: dict[int, int] = {}
+        parsed = {}
         for src, content in replies.items():
             try:
                 rec = content[RECORD]
                 dsts = _get(rec, Key.DST, "ints", max_len=self.k)
                 cts = _get(rec, Key.CT, "bytes-list", max_len=self.k)
+                bad = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
                 if len(dsts) != len(cts) or len(set(dsts)) != len(dsts) or not set(dsts) <= g[src] & u1:
                     raise _Bad("shares addressed to the wrong set of nodes")
                 if len(dsts) + 1 < self.ad[src][Key.T_LOCAL]:
@@ -270,6 +273,16 @@ class _Round:
             except _Bad as exc:
                 self.reject(Stage.SHARE_KEYS, src, str(exc))
                 continue
+            parsed[src] = (dsts, cts)
+            for j in bad:
+                if j in g[src]:
+                    accused.setdefault(j, src)
+        for j, by in sorted(accused.items()):
+            if j in parsed:  # a neighbour could not authenticate its advertisement against the roster
+                self.reject(Stage.SHARE_KEYS, j, f"advertisement rejected by node {by} (signature or roster)")
+                del parsed[j]
+        for src, (dsts, cts) in parsed.items():
+            dsts, cts = zip(*[(d, c) for d, c in zip(dsts, cts) if d not in accused]) if dsts else ((), ())
             u2.add(src)
             for dst, ct in zip(dsts, cts):
                 fwd[dst][0].append(src)

@@ -55,6 +55,7 @@ class FedConfig:
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
     secagg_neighbours: int = 0  # 0: protocol default
+    secagg_timeout: float = 300.0  # seconds each secure-aggregation stage waits for replies
     # outputs and resources
     output: str = "runs/latest"
     resume: str = ""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import warnings
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -12,6 +14,7 @@ from rich.console import Console
 
 from client.client_app import app as client_app
 from shared.config import FedConfig
+from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
 from client.privacy import plan_privacy
 from shared.data import client_partition, load_federation, num_partitions
 from shared.lora import cached_model
@@ -60,6 +63,11 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
     }
+    if cfg.secure_agg and not os.environ.get(ENV_SIM_DIR):
+        # One signing key per virtual client; their public keys are the registered roster.
+        key_dir = tempfile.mkdtemp(prefix="fedlora-secagg-")
+        make_simulation_keys(Path(key_dir), [f"partition-{pid}" for pid in range(num_nodes)])
+        os.environ[ENV_SIM_DIR] = key_dir
     run_simulation(
         server_app=server_app, client_app=client_app,
         num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
