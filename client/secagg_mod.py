@@ -54,6 +54,10 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             raise SecAggClientError(f"message for node {msg.metadata.dst_node_id} delivered to node {node}")
         stage = cfg.get(Key.STAGE)
         records: dict = {}
+        if stage == Stage.ABORT:
+            _wipe(context)
+            return Message(RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.ABORT, Key.NODE_ID: node})}),
+                           reply_to=msg)
         if stage == Stage.SETUP:
             state, out = _setup(cfg, node, context)
         else:

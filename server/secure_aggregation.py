@@ -31,6 +31,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -38,9 +39,9 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from shared.secagg import crypto, masks, shamir
+from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, harary_graph, resolve_k, thresholds,
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, resolve_k, thresholds,
 )
 from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
@@ -72,6 +73,17 @@ class SecAggConfig:
     update_bound: float | None = None
     max_weight: int | None = None
     equal_weights: bool = False
+    roster: dict | None = None
+    """Registered owner keys (fingerprint -> public key), when the server has them too: it then
+    checks advertisements itself, so a client falsely accusing a peer drops only itself.
+    Default: the simulation roster when one is set up, else None (clients' word decides)."""
+
+    def __post_init__(self) -> None:
+        if self.roster is None and os.environ.get(identity.ENV_SIM_DIR):
+            try:
+                self.roster = identity.load_roster(Path(os.environ[identity.ENV_SIM_DIR]) / "roster")
+            except identity.IdentityError:
+                self.roster = None
 
 
 @dataclass
@@ -217,6 +229,17 @@ class _Round:
         if len(alive) < self.t:
             raise RoundFailed(f"{stage}: only {len(alive)} clients left, threshold is {self.t}")
 
+    def abort(self) -> None:
+        """Best effort: tell every sampled node to wipe this round's secrets (they also wipe on
+        any refused step and when the next round starts)."""
+        try:
+            msgs = [Message(RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.ABORT, Key.SID: self.sid})}),
+                            dst_node_id=nid, message_type=MessageType.TRAIN, group_id=self.group_id)
+                    for nid in self.nodes]
+            self.grid.send_and_receive(msgs, timeout=min(self.config.timeout, 30.0))
+        except Exception as exc:  # noqa: BLE001 - the round already failed; never crash the run here
+            log.warning("secure aggregation: abort notice not delivered: %s", exc)
+
     # --- stages -----------------------------------------------------------------------
     def _setup(self) -> set[int]:
         replies = self.exchange(Stage.SETUP, {
@@ -236,6 +259,12 @@ class _Round:
                     raise _Bad("thresholds outside the valid range")
                 if ad[Key.FP] in fps:
                     raise _Bad(f"owner key already used by node {fps[ad[Key.FP]]}")
+                if self.config.roster is not None:
+                    pub = self.config.roster.get(ad[Key.FP])
+                    data = ad_bytes(self.sid, self.rnd, nid, nodes_digest(self.nodes), self.k, ad[Key.T],
+                                    ad[Key.T_LOCAL], ad[Key.PK_C], ad[Key.PK_S], ad[Key.COMMIT])
+                    if pub is None or not identity.verify(pub, ad[Key.SIG], data):
+                        raise _Bad("advertisement not signed by a registered owner key")
             except _Bad as exc:
                 self.reject(Stage.SETUP, nid, str(exc))
                 continue
@@ -277,6 +306,12 @@ class _Round:
             for j in bad:
                 if j in g[src]:
                     accused.setdefault(j, src)
+        if self.config.roster is not None:  # the server verified every advertisement: the accuser lies
+            for j, by in sorted(accused.items()):
+                if by in parsed:
+                    self.reject(Stage.SHARE_KEYS, by, f"rejected node {j}'s valid advertisement")
+                    del parsed[by]
+            accused = {}
         for j, by in sorted(accused.items()):
             if j in parsed:  # a neighbour could not authenticate its advertisement against the roster
                 self.reject(Stage.SHARE_KEYS, j, f"advertisement rejected by node {by} (signature or roster)")
@@ -473,6 +508,7 @@ def secure_aggregate(
         wsum, total, fmt, metrics, u3 = rnd.run()
     except RoundFailed as exc:
         log.error("secure aggregation round failed: %s", exc)
+        rnd.abort()
         return SecAggResult(None, [], sorted(set(nodes) - rnd.alive), str(exc), warnings=rnd.warnings)
     return SecAggResult(
         arrays=apply_mean(global_arrays, wsum, total), metrics=metrics, dropped=sorted(set(nodes) - u3), error=None,

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -63,7 +64,10 @@ class InProcessGrid(Grid):
         roster = make_simulation_keys(self.key_dir, [f"node-{nid}" for nid in trains])
         self.contexts = {nid: Context(1, nid, {"secagg-key": str(self.key_dir / f"node-{nid}"),
                                                "secagg-roster": str(roster)}, RecordDict(), {}) for nid in trains}
+        self.roster_dir = roster
         self.drop: Callable[[str | None, int], bool] = lambda stage, nid: False
+        self.dead: set[int] = set()
+        """Nodes the SuperLink reports unavailable (an error reply from the SuperLink, node 1)."""
         self.on_deliver: Callable[[Message], Message] = lambda m: m
         self.on_reply: Callable[[Message], Message] = lambda m: m
         self.replies: list[Message] = []
@@ -95,6 +99,11 @@ class InProcessGrid(Grid):
             nid = msg.metadata.dst_node_id
             rec = msg.content.config_records.get(RECORD) if msg.has_content() else None
             stage = rec.get("stage") if rec is not None else None
+            if nid in self.dead:
+                err = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
+                err.metadata.__dict__["_src_node_id"] = 1
+                out.append(err)
+                continue
             if nid not in self.trains or self.drop(stage, nid):
                 continue
             # A private copy, as after real serialisation: flwr's mod mutates records in place.

@@ -49,6 +49,8 @@ class Stage:
     COLLECT = "collect-masked"
     CONSISTENCY = "consistency"
     UNMASK = "unmask"
+    ABORT = "abort"
+    """Sent by the server when a round fails: clients wipe the round's secrets."""
 
 
 ORDER = {Stage.SETUP: Stage.SHARE_KEYS, Stage.SHARE_KEYS: Stage.COLLECT,
