@@ -179,34 +179,38 @@ def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> 
         raise SecAggClientError("too few authenticated neighbours to share my secrets")
     # share index = position in my full neighbourhood (stable, whoever is missing)
     b_shares, sk_shares = shamir.split_many([state["b"], state["s-sk"]], state["t-local"], len(group))
-    pk_c_of = dict(zip(ok_ids, pk_c))
+    # one agreement per neighbour; the derived share keys are kept for decrypting its shares
+    keys = {j: crypto.share_key(sec, state["sid"], node, j)
+            for j, sec in zip(ok_ids, crypto.agree_many(state["c-sk"], pk_c))}
     dsts, cts = [], []
     for pos, j in enumerate(group):
         if j == node:
             state["own-b-share"] = b_shares[pos]
             continue
-        if j not in pk_c_of:
+        if j not in keys:
             continue
-        key = crypto.share_key(crypto.agree(state["c-sk"], pk_c_of[j]), state["sid"], node, j)
+        key = keys[j]
         plaintext = struct.pack("<QQ", node, j) + b_shares[pos] + sk_shares[pos]
         dsts.append(j)
         cts.append(crypto.encrypt_share(key, plaintext, sid=state["sid"], rnd=state["round"], src=node, dst=j))
-    state["ids"], state["pk-c"], state["pk-s"], state["fps"] = ok_ids, pk_c, pk_s, fps
+    state["ids"], state["pk-s"], state["fps"] = ok_ids, pk_s, fps
+    state["share-keys"] = [keys[j] for j in ok_ids]
+    del state["c-sk"]  # no longer needed
     return {Key.DST: dsts, Key.CT: cts, Key.REJECTED: bad}
 
 
 def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
     """Decrypt relayed shares; returns the sources whose ciphertext was rejected."""
-    pk_c_of = dict(zip(state["ids"], state["pk-c"]))
+    key_of = dict(zip(state["ids"], state["share-keys"]))
     srcs, cts = _int_list(cfg[Key.SRC], "share sources"), list(cfg[Key.CT])
     if len(srcs) != len(cts):
         raise SecAggClientError("malformed share list")
     held_ids, held_b, held_sk, rejected = [], [], [], []
     for src, ct in zip(srcs, cts):
-        if src not in pk_c_of or src in held_ids or not isinstance(ct, bytes):
+        if src not in key_of or src in held_ids or not isinstance(ct, bytes):
             rejected.append(src)
             continue
-        key = crypto.share_key(crypto.agree(state["c-sk"], pk_c_of[src]), state["sid"], node, src)
+        key = key_of[src]
         try:
             pt = crypto.decrypt_share(key, ct, sid=state["sid"], rnd=state["round"], src=src, dst=node)
         except crypto.ShareDecryptionError:
@@ -219,19 +223,24 @@ def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
         held_b.append(pt[16 : 16 + shamir.SHARE_LEN])
         held_sk.append(pt[16 + shamir.SHARE_LEN :])
     state["held-ids"], state["held-b"], state["held-sk"] = held_ids, held_b, held_sk
+    del state["share-keys"]
     return rejected
 
 
 def _flat_delta(global_arrays: ArrayRecord, local: ArrayRecord) -> np.ndarray:
-    parts = []
-    for key, garr in global_arrays.items():
+    """local - global as one float64 vector (one pass per tensor, no intermediate copies)."""
+    gs = [(key, garr.numpy()) for key, garr in global_arrays.items()]
+    out = np.empty(sum(g.size for _, g in gs), dtype=np.float64)
+    pos = 0
+    for key, g in gs:
         if key not in local:
             raise SecAggClientError(f"trained arrays lack {key!r}")
-        g, l = garr.numpy(), local[key].numpy()
+        l = local[key].numpy()
         if g.shape != l.shape:
             raise SecAggClientError(f"shape mismatch for {key!r}: {l.shape} vs {g.shape}")
-        parts.append(l.astype(np.float64).reshape(-1) - g.astype(np.float64).reshape(-1))
-    return np.concatenate(parts) if parts else np.zeros(0)
+        np.subtract(l.reshape(-1), g.reshape(-1), out=out[pos: pos + g.size], dtype=np.float64)
+        pos += g.size
+    return out
 
 
 def _ring_format(cfg: ConfigRecord, n: int) -> RingFormat:
@@ -267,14 +276,17 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
     delta = np.zeros(n_params) if declined else _flat_delta(global_arrays, local)
     # Honest clients never overflow: the update is clipped to the declared bound and the
     # weight capped, both of which the ring format leaves headroom for (n * W * C * scale).
+    if not np.isfinite(delta.sum()):
+        np.nan_to_num(delta, copy=False, nan=0.0, posinf=fmt.clip, neginf=-fmt.clip)
     np.clip(delta, -fmt.clip, fmt.clip, out=delta)
-    np.nan_to_num(delta, copy=False, nan=0.0)
     vec = encode(delta, 0 if declined else min(weight, fmt.max_weight), fmt)
-    masks.add_mask(vec, state["b"], fmt.bits, +1)
     pk_s_of = dict(zip(state["ids"], state["pk-s"]))
-    for j in state["mask-nbrs"]:
-        seed = crypto.pair_mask_seed(crypto.agree(state["s-sk"], pk_s_of[j]), state["sid"], state["round"], node, j)
-        masks.add_mask(vec, seed, fmt.bits, +1 if node < j else -1)
+    nbrs = state["mask-nbrs"]
+    seeds = [(state["b"], +1)] + [
+        (crypto.pair_mask_seed(sec, state["sid"], state["round"], node, j), +1 if node < j else -1)
+        for j, sec in zip(nbrs, crypto.agree_many(state["s-sk"], [pk_s_of[j] for j in nbrs]))]
+    masks.add_masks(vec, seeds, fmt.bits)
+    del state["b"], state["s-sk"]  # from here on they live only in their shares
     if not declined:
         metrics["bytes-uploaded"] = int(vec.nbytes)  # what actually leaves: the masked ring vector
     return {Key.REJECTED: rejected}, {"metrics": metrics, MASKED_RECORD: ArrayRecord({"masked": Array(vec)})}
@@ -311,6 +323,8 @@ def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict
     data = survivors_bytes(state["sid"], state["round"], survivors)
     valid = {node}
     for j, sig in zip(ids, sigs):
+        if len(valid) >= state["t-local"]:
+            break  # enough of my neighbourhood vouches for this exact set
         if j in pub_of and j in survivors and j not in valid and identity.verify(pub_of[j], sig, data):
             valid.add(j)
     if len(valid) < state["t-local"]:

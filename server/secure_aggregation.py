@@ -125,6 +125,10 @@ class RingAccumulator:
     def remove_mask(self, seed: bytes, sign: int) -> None:
         masks.add_mask(self.value, seed, self.bits, -sign)
 
+    def remove_masks(self, seeds: list[tuple[bytes, int]]) -> None:
+        """Remove many masks (expanded in parallel, see :func:`masks.add_masks`)."""
+        masks.add_masks(self.value, [(seed, -sign) for seed, sign in seeds], self.bits)
+
 
 def _get(rec: ConfigRecord, key: str, kind, *, size: int | None = None, max_len: int = MAX_NODES):
     if key not in rec:
@@ -438,18 +442,25 @@ class _Round:
         acc = RingAccumulator(length, fmt.bits)
         u3, metrics = self._collect(u2, fwd, fmt, length, acc)
         b_shares, sk_shares, dead = self._consistency_and_unmask(u2, u3)
-        for j in sorted(u3):
-            tl = self.ad[j][Key.T_LOCAL]
-            seed = self._recover(b_shares[j], tl, lambda s, j=j: crypto.commit_seed(self.sid, j, s) == self.ad[j][Key.COMMIT],
-                                 f"self-mask seed of node {j}")
-            acc.remove_mask(seed, +1)
-        for j in sorted(dead):
-            tl = self.ad[j][Key.T_LOCAL]
-            sk = self._recover(sk_shares[j], tl, lambda s, j=j: crypto.public_from_private(s) == self.ad[j][Key.PK_S],
-                               f"mask key of dropped node {j}")
-            for i in sorted(self.graph[j] & u3):
-                seed = crypto.pair_mask_seed(crypto.agree(sk, self.ad[i][Key.PK_S]), self.sid, self.rnd, i, j)
-                acc.remove_mask(seed, +1 if i < j else -1)
+        # All secrets rebuilt in one vectorized pass; a secret whose first shares do not match its
+        # commitment / public key (a lying holder) is retried from other subsets of its shares.
+        alive, gone = sorted(u3), sorted(dead)
+        fast = shamir.combine_many([b_shares[j] for j in alive] + [sk_shares[j] for j in gone],
+                                   [self.ad[j][Key.T_LOCAL] for j in alive + gone])
+        seeds = []
+        for j, seed in zip(alive, fast[: len(alive)]):
+            check = lambda s, j=j: crypto.commit_seed(self.sid, j, s) == self.ad[j][Key.COMMIT]
+            if seed is None or not check(seed):
+                seed = self._recover(b_shares[j], self.ad[j][Key.T_LOCAL], check, f"self-mask seed of node {j}")
+            seeds.append((seed, +1))
+        for j, sk in zip(gone, fast[len(alive):]):
+            check = lambda s, j=j: crypto.public_from_private(s) == self.ad[j][Key.PK_S]
+            if sk is None or not check(sk):
+                sk = self._recover(sk_shares[j], self.ad[j][Key.T_LOCAL], check, f"mask key of dropped node {j}")
+            nbrs = sorted(self.graph[j] & u3)
+            for i, sec in zip(nbrs, crypto.agree_many(sk, [self.ad[i][Key.PK_S] for i in nbrs])):
+                seeds.append((crypto.pair_mask_seed(sec, self.sid, self.rnd, i, j), +1 if i < j else -1))
+        acc.remove_masks(seeds)
         # Out-of-range sum: more than |u3| honest clients could produce means a client lied.
         signed = to_signed(masks.reduce(acc.value.copy(), fmt.bits), fmt.bits)
         limit = len(u3) * fmt.max_weight * fmt.clip * fmt.scale

@@ -267,6 +267,9 @@ def test_server_never_holds_an_unmasked_individual_update(monkeypatch):
         def remove_mask(self, seed, sign):
             super().remove_mask(seed, sign)
             seen.append(self.value.copy())
+        def remove_masks(self, seeds):  # one at a time, so every intermediate value is inspected
+            for seed, sign in seeds:
+                self.remove_mask(seed, sign)
     monkeypatch.setattr(sa, "RingAccumulator", SpyAccumulator)
 
     res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())

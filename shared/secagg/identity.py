@@ -110,10 +110,15 @@ def load_roster(path: Path) -> dict:
     return roster
 
 
+@lru_cache(maxsize=64)
+def _roster_cached(roster_path: str, mtime: float) -> dict:
+    return load_roster(Path(roster_path))
+
+
 @lru_cache(maxsize=4096)
 def _load_cached(key_path: str, roster_path: str, mtimes: tuple) -> Identity:
     key = _load_private(Path(key_path))
-    roster = load_roster(Path(roster_path))
+    roster = _roster_cached(roster_path, mtimes[1])
     fp = fingerprint(key.public_key())
     if fp not in roster:
         raise IdentityError(f"my signing key {key_path} is not in the roster {roster_path}")

@@ -81,3 +81,30 @@ def add_mask(acc: np.ndarray, seed: bytes, bits: int, sign: int = 1) -> None:
     else:
         np.subtract(acc, m, out=acc)
     reduce(acc, bits)
+
+
+def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
+    """acc += sum(sign * mask(seed)) in place. The keystreams are expanded on a small thread
+    pool (the cipher runs outside the GIL); the additions stay on this thread, in order, with
+    at most two masks per worker in memory."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(4, os.cpu_count() or 1)
+    if len(seeds) < 4 or workers < 2 or acc.nbytes < (1 << 16):
+        for seed, sign in seeds:
+            add_mask(acc, seed, bits, sign)
+        return
+
+    def expand(seed: bytes) -> np.ndarray:
+        m = np.empty_like(acc)
+        keystream_into(seed, memoryview(m).cast("B"))
+        return m
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for start in range(0, len(seeds), 2 * workers):
+            chunk = seeds[start: start + 2 * workers]
+            for (_, sign), m in zip(chunk, pool.map(expand, [seed for seed, _ in chunk])):
+                reduce(m, bits)
+                (np.add if sign >= 0 else np.subtract)(acc, m, out=acc)
+    reduce(acc, bits)

@@ -26,6 +26,7 @@ import hashlib
 import math
 import random
 import struct
+from functools import lru_cache
 
 RECORD = "secagg"
 """ConfigRecord name carrying the protocol payloads in both directions."""
@@ -94,8 +95,9 @@ def majority(n: int) -> int:
 
 
 def default_neighbours(n: int) -> int:
-    """Complete graph up to 12 clients, else 2 * ceil(log2 n) (Bell et al.: O(log n))."""
-    return n - 1 if n <= 12 else 2 * math.ceil(math.log2(n))
+    """Complete graph up to 12 clients, else ceil(log2 n) (Bell et al.: O(log n)); more
+    neighbours tolerate more dropouts (f = ceil((k + 1) / 2) - 1) at the price of k masks each."""
+    return n - 1 if n <= 12 else math.ceil(math.log2(n))
 
 
 def resolve_k(n: int, requested: int | None) -> int:
@@ -126,6 +128,16 @@ def nodes_digest(nodes: list[int]) -> bytes:
 
 
 def harary_graph(nodes: list[int], k: int, sid: bytes) -> dict[int, set[int]]:
+    """Cached :func:`_harary`; callers get a copy they may modify."""
+    return {v: set(w) for v, w in _harary(tuple(sorted(nodes)), k, sid).items()}
+
+
+@lru_cache(maxsize=64)
+def _harary(nodes: tuple[int, ...], k: int, sid: bytes) -> dict[int, frozenset[int]]:
+    return {v: frozenset(w) for v, w in _build_harary(list(nodes), k, sid).items()}
+
+
+def _build_harary(nodes: list[int], k: int, sid: bytes) -> dict[int, set[int]]:
     """H(k, n) on a permutation of ``nodes`` seeded by the session id: k-connected, k-regular
     (one node has degree k + 1 only when k and n are both odd, which :func:`resolve_k` avoids)."""
     nodes = sorted(nodes)

@@ -87,18 +87,18 @@ def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
     if weight == 0 or flat.size == 0:
         out[:-1] = 0
         return out
-    amax = float(np.max(np.abs(flat)))
-    if not math.isfinite(amax):
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise QuantizationOverflow("update contains NaN or inf")
+    amax = max(-lo, hi)
     if amax > fmt.clip:
         raise QuantizationOverflow(f"|delta|_inf = {amax:.6g} exceeds the declared bound {fmt.clip:.6g}")
     vals = np.multiply(flat, weight * fmt.scale, dtype=np.float64)
     np.rint(vals, out=vals)
-    q = vals.astype(np.int64)
     if fmt.bits == 64:
-        out[:-1] = q.view(np.uint64)
+        out[:-1] = vals.astype(np.int64).view(np.uint64)
     else:
-        out[:-1] = (q & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
+        out[:-1] = (vals.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
     return out
 
 

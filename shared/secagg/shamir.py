@@ -141,6 +141,36 @@ def combine(shares: list[bytes], threshold: int) -> bytes:
     return _from_limbs(acc)
 
 
-def combine_many(shares: dict[int, list[bytes]], threshold: int) -> dict[int, bytes]:
-    """Recover several secrets; secrets held by the same index set share one set of weights."""
-    return {k: combine(v, threshold) for k, v in shares.items()}
+def combine_many(shares: list[list[bytes]], thresholds: list[int]) -> list[bytes | None]:
+    """Recover many secrets at once (one vectorized Lagrange pass over all of them).
+
+    ``shares[s]`` are the shares of secret ``s`` and ``thresholds[s]`` its threshold; the first
+    ``thresholds[s]`` distinct indices are used. A secret with too few or malformed shares
+    comes back as None (the caller may then try other subsets with :func:`combine`).
+    """
+    m = len(shares)
+    tmax = max(thresholds, default=0)
+    S = np.zeros((m, max(tmax, 1), LIMBS), dtype=np.uint64)
+    W = np.zeros((m, max(tmax, 1)), dtype=np.uint64)
+    ok = [False] * m
+    for s, (sh, t) in enumerate(zip(shares, thresholds)):
+        try:
+            uniq = _parse(sh)
+        except ValueError:
+            continue
+        if t < 1 or len(uniq) < t:
+            continue
+        xs = tuple(sorted(uniq)[:t])
+        W[s, :t] = _lagrange_at_zero(xs)
+        S[s, :t] = np.stack([uniq[x] for x in xs])
+        ok[s] = True
+    acc = np.zeros((m, LIMBS), dtype=np.uint64)
+    for i in range(max(tmax, 1)):
+        acc = _mod(acc + _mulmod(S[:, i], W[:, i, None]))
+    out: list[bytes | None] = []
+    for s in range(m):
+        try:
+            out.append(_from_limbs(acc[s]) if ok[s] else None)
+        except ValueError:
+            out.append(None)
+    return out
