@@ -91,7 +91,7 @@ def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> Non
     from concurrent.futures import ThreadPoolExecutor
 
     workers = min(4, os.cpu_count() or 1)
-    if len(seeds) < 4 or workers < 2 or acc.nbytes < (1 << 16):
+    if len(seeds) < 16 or workers < 2 or acc.nbytes < (1 << 16):  # a pool costs more than it saves
         for seed, sign in seeds:
             add_mask(acc, seed, bits, sign)
         return
