@@ -130,12 +130,12 @@ def test_shamir_vectorized_every_size_and_hiding_below_threshold():
     import struct as _st
 
     # interpolate the degree-2 polynomial through shares 1, 2 and (0, s2) per limb: share 3 that yields s2
-    l1 = np.frombuffer(sh[0][2:], "<u8").astype(object)
-    l2 = np.frombuffer(sh[1][2:], "<u8").astype(object)
+    l1 = np.frombuffer(sh[0][2:], "<u4").astype(object)
+    l2 = np.frombuffer(sh[1][2:], "<u4").astype(object)
     l0 = shamir._to_limbs(s2).astype(object)
     def at3(y0, y1, y2):  # Lagrange through (0, y0), (1, y1), (2, y2), evaluated at 3
         return (y0 * 1 + y1 * (-3) + y2 * 3) % p
-    forged = _st.pack("<H", 3) + b"".join(int(at3(a, b, c)).to_bytes(8, "little") for a, b, c in zip(l0, l1, l2))
+    forged = _st.pack("<H", 3) + b"".join(int(at3(a, b, c)).to_bytes(4, "little") for a, b, c in zip(l0, l1, l2))
     assert shamir.combine([sh[0], sh[1], forged], 3) == s2
 
 
