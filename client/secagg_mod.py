@@ -29,7 +29,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
     MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, harary_graph,
-    nodes_digest, resolve_k, survivors_bytes, thresholds,
+    nodes_digest, pack_ids, resolve_k, survivors_bytes, thresholds, unpack_ids,
 )
 from shared.secagg.quantize import RingFormat, encode
 
@@ -120,7 +120,7 @@ def _setup(cfg: ConfigRecord, node: int, context: Context) -> tuple[dict, dict]:
     sid, rnd = cfg[Key.SID], cfg[Key.ROUND]
     if not isinstance(sid, bytes) or len(sid) < 16 or not isinstance(rnd, int):
         raise SecAggClientError("session id must be at least 16 random bytes")
-    nodes = _int_list(cfg[Key.NODES], "node list")
+    nodes = unpack_ids(cfg[Key.NODES])
     if nodes != sorted(set(nodes)) or node not in nodes or len(nodes) < 2:
         raise SecAggClientError("node list must be sorted, distinct, contain me and at least 2 nodes")
     n = len(nodes)
@@ -139,7 +139,7 @@ def _setup(cfg: ConfigRecord, node: int, context: Context) -> tuple[dict, dict]:
     sig = ident.sign(ad_bytes(sid, rnd, node, digest, k, t, t_local, c.public, s.public, commit))
     state = {
         "stage": Stage.SETUP, "sid": sid, "round": int(rnd), "n": n, "k": k, "t": t, "t-local": t_local,
-        "digest": digest, "nodes": nodes, "neighbours": sorted(graph[node]),
+        "digest": digest, "nodes": pack_ids(nodes), "neighbours": sorted(graph[node]),
         "c-sk": c.private, "s-sk": s.private, "b": b, "fp": ident.fingerprint,
     }
     return state, {Key.PK_C: c.public, Key.PK_S: s.public, Key.COMMIT: commit, Key.FP: ident.fingerprint,
@@ -293,12 +293,13 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
 
 
 def _check_survivors(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
-    survivors = _int_list(cfg[Key.SURVIVORS], "survivor list")
-    if survivors != sorted(set(survivors)) or node not in survivors or not set(survivors) <= set(state["nodes"]):
+    survivors = unpack_ids(cfg[Key.SURVIVORS])
+    nodes = unpack_ids(state["nodes"])
+    if survivors != sorted(set(survivors)) or node not in survivors or not set(survivors) <= set(nodes):
         raise SecAggClientError("malformed survivor list")
     if len(survivors) < state["t"]:
         raise SecAggClientError(f"{len(survivors)} survivors, below the threshold {state['t']}: refusing to unmask")
-    graph = harary_graph(state["nodes"], state["k"], state["sid"])
+    graph = harary_graph(nodes, state["k"], state["sid"])
     if not connected(graph, set(survivors)):
         raise SecAggClientError("survivors are not connected in the mask graph: refusing to unmask")
     return survivors
@@ -306,14 +307,14 @@ def _check_survivors(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
 
 def _consistency(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict:
     survivors = _check_survivors(cfg, node, state)
-    state["survivors"] = survivors
+    state["survivors"] = pack_ids(survivors)
     ident = identity.load_identity(context.node_config)
     return {Key.SIG: ident.sign(survivors_bytes(state["sid"], state["round"], survivors))}
 
 
 def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict:
     survivors = _check_survivors(cfg, node, state)
-    if survivors != list(state["survivors"]):
+    if pack_ids(survivors) != state["survivors"]:
         raise SecAggClientError("survivor set differs from the one I signed")
     ids, sigs = _int_list(cfg[Key.IDS], "signer list"), list(cfg[Key.SIG])
     if len(ids) != len(sigs):

@@ -41,7 +41,7 @@ from flwr.serverapp.strategy import Strategy
 
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, resolve_k, thresholds,
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, pack_ids, resolve_k, thresholds,
 )
 from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
@@ -248,7 +248,7 @@ class _Round:
     def _setup(self) -> set[int]:
         replies = self.exchange(Stage.SETUP, {
             nid: RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: self.nodes,
+                Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: pack_ids(self.nodes),
                 Key.K: self.k, Key.T_REQ: self.t_req,
             })}) for nid in self.nodes
         })
@@ -369,7 +369,7 @@ class _Round:
 
     def _consistency_and_unmask(self, u2: set[int], u3: set[int]):
         survivors = sorted(u3)
-        base = {Key.SID: self.sid, Key.ROUND: self.rnd, Key.SURVIVORS: survivors}
+        base = {Key.SID: self.sid, Key.ROUND: self.rnd, Key.SURVIVORS: pack_ids(survivors)}
         replies = self.exchange(Stage.CONSISTENCY, {
             i: RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.CONSISTENCY, **base})}) for i in survivors
         })

@@ -19,7 +19,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 import client.secagg_mod as mod
 from server.secure_aggregation import SecAggConfig, SecureAggregation, secure_aggregate
 from shared.secagg import crypto, identity, shamir
-from shared.secagg.protocol import MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, resolve_k, thresholds
+from shared.secagg.protocol import (
+    MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, pack_ids, resolve_k, thresholds, unpack_ids,
+)
 from simulations.bench_secagg import train_messages
 from test_secagg_protocol import assert_matches, expected_fedavg, setup_round
 
@@ -58,7 +60,7 @@ def _split_view_attack(n: int, group_b_size: int, threshold=None):
         if st == Stage.SHARE_KEYS and dst == victim:
             graph_holder["nbrs"] = list(rec[Key.IDS])
         if st in (Stage.CONSISTENCY, Stage.UNMASK) and dst in graph_holder.get("b", ()):
-            rec[Key.SURVIVORS] = [x for x in rec[Key.SURVIVORS] if x != victim]
+            rec[Key.SURVIVORS] = pack_ids([x for x in unpack_ids(rec[Key.SURVIVORS]) if x != victim])
         if st == Stage.CONSISTENCY and "b" not in graph_holder:
             pass
         return msg
@@ -115,8 +117,9 @@ def test_server_requested_threshold_2_is_not_accepted():
     def deliver(msg):
         if stage_of(msg) in (Stage.CONSISTENCY, Stage.UNMASK):
             rec = msg.content[RECORD]
-            rec[Key.SURVIVORS] = sorted(rec[Key.SURVIVORS])[: t - 1] if msg.metadata.dst_node_id in \
-                sorted(rec[Key.SURVIVORS])[: t - 1] else rec[Key.SURVIVORS]
+            few = sorted(unpack_ids(rec[Key.SURVIVORS]))[: t - 1]
+            if msg.metadata.dst_node_id in few:
+                rec[Key.SURVIVORS] = pack_ids(few)
         return msg
 
     grid.on_deliver = deliver

@@ -90,6 +90,19 @@ class Key:
     KIND = "kind"
 
 
+def pack_ids(ids) -> bytes:
+    """Node ids as one bytes value (uint64 LE): n-sized lists travel and are stored without
+    Flower's per-element record validation."""
+    ids = list(ids)
+    return struct.pack(f"<{len(ids)}Q", *ids)
+
+
+def unpack_ids(blob) -> list[int]:
+    if not isinstance(blob, bytes) or len(blob) % 8 or len(blob) > 8 * MAX_NODES:
+        raise ValueError("malformed node id list")
+    return list(struct.unpack(f"<{len(blob) // 8}Q", blob))
+
+
 def majority(n: int) -> int:
     return n // 2 + 1
 
@@ -128,8 +141,8 @@ def nodes_digest(nodes: list[int]) -> bytes:
 
 
 def harary_graph(nodes: list[int], k: int, sid: bytes) -> dict[int, set[int]]:
-    """Cached :func:`_harary`; callers get a copy they may modify."""
-    return {v: set(w) for v, w in _harary(tuple(sorted(nodes)), k, sid).items()}
+    """Cached :func:`_build_harary` (read-only neighbour sets)."""
+    return _harary(tuple(sorted(nodes)), k, sid)
 
 
 @lru_cache(maxsize=64)
