@@ -31,7 +31,8 @@ from shared.secagg.protocol import (
     MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, harary_graph,
     nodes_digest, pack_ids, resolve_k, survivors_bytes, thresholds, unpack_ids,
 )
-from shared.secagg.quantize import RingFormat, encode
+from shared.secagg.quantize import RingFormat
+from shared.secagg.quantize import encode_clipped as encode
 
 __all__ = ["MASKED_RECORD", "SecAggClientError", "secagg_mod"]
 
@@ -276,9 +277,6 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
     delta = np.zeros(n_params) if declined else _flat_delta(global_arrays, local)
     # Honest clients never overflow: the update is clipped to the declared bound and the
     # weight capped, both of which the ring format leaves headroom for (n * W * C * scale).
-    if not np.isfinite(delta.sum()):
-        np.nan_to_num(delta, copy=False, nan=0.0, posinf=fmt.clip, neginf=-fmt.clip)
-    np.clip(delta, -fmt.clip, fmt.clip, out=delta)
     vec = encode(delta, 0 if declined else min(weight, fmt.max_weight), fmt)
     pk_s_of = dict(zip(state["ids"], state["pk-s"]))
     nbrs = state["mask-nbrs"]

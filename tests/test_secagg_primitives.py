@@ -179,3 +179,20 @@ def test_decode_flags_impossible_total_weight():
     acc = encode(np.ones(4) * 0.5, 10, fmt) + encode(np.ones(4) * 0.5, 10, fmt) + encode(np.ones(4), 10, fmt)
     with pytest.raises(QuantizationOverflow):
         decode_sum(acc, fmt, 2)
+
+
+def test_honest_encoding_clips_and_n_worst_case_clients_never_overflow():
+    from shared.secagg.quantize import encode_clipped
+
+    for n, w, clip in [(2, 1, 1.0), (50, 1 << 14, 64.0), (100, 1 << 14, 64.0), (1000, 100, 8.0)]:
+        fmt = choose_format(n, max_weight=w, clip=clip)
+        worst = encode_clipped(np.array([1e30, -1e30, np.nan, np.inf, -np.inf]), 10 * w, fmt)
+        assert int(worst[-1]) == w  # weight capped
+        acc = np.zeros(6, dtype=fmt.dtype)
+        for _ in range(min(n, 64)):
+            acc += worst
+        acc_n = worst.astype(object) * n  # exact sum of n worst-case honest vectors
+        signed = [int(x) - (1 << fmt.bits) if int(x) >= 1 << (fmt.bits - 1) else int(x) for x in worst]
+        assert all(abs(v) * n < (1 << (fmt.bits - 1)) for v in signed), (n, w, signed)
+        wsum, total = decode_sum(worst * np.array(1, dtype=fmt.dtype), fmt, 1)
+        assert total == w and wsum[0] == pytest.approx(w * clip, rel=1e-6) and wsum[2] == 0

@@ -77,7 +77,8 @@ def choose_format(
 
 
 def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
-    """Ring vector ``[round(weight * delta * scale)..., weight]``; raises on out-of-range input."""
+    """Ring vector ``[round(weight * delta * scale)..., weight]``; raises on out-of-range input
+    (:func:`encode_clipped` is what an honest client sends: it clips instead of raising)."""
     if isinstance(weight, bool) or int(weight) != weight or not 0 <= weight <= fmt.max_weight:
         raise QuantizationOverflow(f"weight {weight} outside [0, {fmt.max_weight}]")
     weight = int(weight)
@@ -99,6 +100,31 @@ def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
         out[:-1] = vals.astype(np.int64).view(np.uint64)
     else:
         out[:-1] = (vals.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
+    return out
+
+
+def encode_clipped(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
+    """Like :func:`encode`, but the update is clipped to the declared bound (NaN -> 0) and the
+    weight capped at ``max_weight``, so an honest client's vector is always in range and n of
+    them never overflow the ring. Consumes ``delta`` (float64, modified in place)."""
+    weight = max(0, min(int(weight), fmt.max_weight))
+    flat = delta.reshape(-1)
+    out = np.empty(flat.size + 1, dtype=fmt.dtype)
+    out[-1] = weight
+    if weight == 0 or flat.size == 0:
+        out[:-1] = 0
+        return out
+    f = weight * fmt.scale
+    lim = math.floor(f * fmt.clip)
+    np.multiply(flat, f, out=flat)
+    if not math.isfinite(float(flat.sum())):
+        np.nan_to_num(flat, copy=False, nan=0.0, posinf=lim, neginf=-lim)
+    np.clip(flat, -lim, lim, out=flat)
+    np.rint(flat, out=flat)
+    if fmt.bits == 64:
+        np.copyto(out[:-1].view(np.int64), flat, casting="unsafe")
+    else:
+        out[:-1] = (flat.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
     return out
 
 
