@@ -527,14 +527,15 @@ def secure_aggregate(
     )
 
 
-class SecureAggregation:
+class SecureAggregation(Strategy):
     """Secure aggregation around any Flower strategy, like Flower's DP strategy wrappers.
 
     The wrapped strategy samples the clients (``configure_train``) and turns the aggregate
     into the next model (``aggregate_train``: FedAvg takes it, FedAdam/FedYogi/... take a
     server-optimizer step from it). Secure aggregation only decides how the weighted sum is
     computed: the wrapped strategy sees one reply carrying the weighted mean model and the
-    total weight, never a client's update.
+    total weight, never a client's update. Use :meth:`train_round` from a custom loop, or
+    ``SecureAggregation(FedAdam(...)).start(grid, arrays, num_rounds)`` like any strategy.
     """
 
     def __init__(self, strategy: Strategy, config: SecAggConfig | None = None,
@@ -542,14 +543,19 @@ class SecureAggregation:
         self.strategy = strategy
         self.config = config or SecAggConfig()
         self.weighted_by_key = weighted_by_key or getattr(strategy, "weighted_by_key", "num-examples")
+        self._pending: tuple | None = None
+        self.last_result: SecAggResult | None = None
 
-    def __getattr__(self, name):  # everything else (evaluation, summary) is the wrapped strategy's
+    def __getattr__(self, name):  # anything else is the wrapped strategy's
+        if name == "strategy":
+            raise AttributeError(name)
         return getattr(self.strategy, name)
 
     def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord):
         """(new arrays or None, SecAggResult, what the wrapped aggregate_train returned)."""
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         result = secure_aggregate(grid, arrays, messages, self.config)
+        self.last_result = result
         if result.error or result.arrays is None or result.total_weight <= 0:
             return None, result, None
         reply = Message(RecordDict({"arrays": result.arrays,
@@ -558,3 +564,30 @@ class SecureAggregation:
         aggregated = self.strategy.aggregate_train(server_round, [reply])
         new_arrays = aggregated[0] if isinstance(aggregated, tuple) else aggregated
         return new_arrays, result, aggregated
+
+    # Flower's Strategy interface, so Strategy.start() drives secure rounds: configure_train
+    # only remembers the round's inputs (the outer loop then sends nothing) and
+    # aggregate_train runs the whole secure round.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._pending = (grid, arrays, config)
+        return []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if self._pending is None:
+            return None, None
+        grid, arrays, config = self._pending
+        self._pending = None
+        new_arrays, _, aggregated = self.train_round(grid, server_round, arrays, config)
+        if aggregated is None:
+            return None, None
+        return aggregated if isinstance(aggregated, tuple) else (new_arrays, None)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info("\t├── Secure aggregation (SecAgg+, malicious-server hardened) around:")
+        self.strategy.summary()

@@ -362,3 +362,20 @@ def test_wraps_any_flower_strategy(name):
     if name == "FedAdam":  # the wrapped optimizer really stepped: not the plain mean
         mean = expected_fedavg(g, nodes, deltas, weights)
         assert any(not np.allclose(got[k].numpy(), mean[k], atol=1e-6) for k in g.keys())
+
+
+def test_wrapper_drives_flower_strategy_start():
+    import flwr.serverapp.strategy as fs
+
+    n = 4
+    g, nodes, deltas, weights, grid = setup_round(n, n_params=400, seed=48)
+    kw = {"fraction_train": 1.0, "min_train_nodes": n, "min_available_nodes": n, "fraction_evaluate": 0.0}
+    result = SecureAggregation(fs.FedAvg(**kw)).start(grid, g, num_rounds=2,
+                                                      train_config=ConfigRecord({"server-round": 1}))
+    assert result.arrays is not None
+    # the stub applies the same delta each round: two rounds of FedAvg move the model twice
+    once = expected_fedavg(g, nodes, deltas, weights)
+    for k, a in g.items():
+        step = once[k] - a.numpy().astype(np.float64)
+        np.testing.assert_allclose(result.arrays[k].numpy(), a.numpy() + 2 * step, atol=1e-5)
+    assert all(stage_of(r) is not None for r in grid.replies)  # nothing but secure stages reached clients
