@@ -83,15 +83,30 @@ def add_mask(acc: np.ndarray, seed: bytes, bits: int, sign: int = 1) -> None:
     reduce(acc, bits)
 
 
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _executor():
+    """One process-wide pool (created on first use): a pool per call costs more than it saves."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="secagg-mask")
+        return _pool
+
+
 def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
-    """acc += sum(sign * mask(seed)) in place. The keystreams are expanded on a small thread
-    pool (the cipher runs outside the GIL); the additions stay on this thread, in order, with
-    at most two masks per worker in memory."""
+    """acc += sum(sign * mask(seed)) in place. The keystreams are expanded on a thread pool
+    (the cipher runs outside the GIL) while this thread adds the previous ones, in order,
+    with at most two masks per worker in memory."""
     import os
-    from concurrent.futures import ThreadPoolExecutor
 
     workers = min(4, os.cpu_count() or 1)
-    if len(seeds) < 16 or workers < 2 or acc.nbytes < (1 << 16):  # a pool costs more than it saves
+    if len(seeds) < 3 or workers < 2 or acc.nbytes < (1 << 18):
         for seed, sign in seeds:
             add_mask(acc, seed, bits, sign)
         return
@@ -101,10 +116,10 @@ def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> Non
         keystream_into(seed, memoryview(m).cast("B"))
         return m
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for start in range(0, len(seeds), 2 * workers):
-            chunk = seeds[start: start + 2 * workers]
-            for (_, sign), m in zip(chunk, pool.map(expand, [seed for seed, _ in chunk])):
-                reduce(m, bits)
-                (np.add if sign >= 0 else np.subtract)(acc, m, out=acc)
+    pool = _executor()
+    for start in range(0, len(seeds), 2 * workers):
+        chunk = seeds[start: start + 2 * workers]
+        for (_, sign), m in zip(chunk, pool.map(expand, [seed for seed, _ in chunk])):
+            reduce(m, bits)
+            (np.add if sign >= 0 else np.subtract)(acc, m, out=acc)
     reduce(acc, bits)
