@@ -42,6 +42,7 @@ def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_r
 
     secure = SecureAggregation(strategy, SecAggConfig(
         threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None, timeout=cfg.secagg_timeout,
+        max_weight=cfg.secagg_max_weight,
     ))
     new_arrays, result, _ = secure.train_round(grid, server_round, arrays, ConfigRecord(cfg.to_run_config()))
     metrics = [with_client_id(m, int(m.get("node-id", -1))) for m in result.metrics]

@@ -56,6 +56,7 @@ class FedConfig:
     secagg_threshold: float = 0.0  # 0: protocol default
     secagg_neighbours: int = 0  # 0: protocol default
     secagg_timeout: float = 300.0  # seconds each secure-aggregation stage waits for replies
+    secagg_max_weight: int = 16384  # cap on one client's weight (examples) in the masked sum; 1: equal weights
     # outputs and resources
     output: str = "runs/latest"
     resume: str = ""
@@ -94,6 +95,8 @@ class FedConfig:
             raise FedLoraError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.batch_size < 1:
             raise FedLoraError("--batch-size must be at least 1")
+        if self.secagg_max_weight < 1 or not self.secagg_timeout > 0:
+            raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout positive")
 
     @property
     def dirichlet_alpha(self) -> float | None:
