@@ -106,7 +106,7 @@ def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> Non
     import os
 
     workers = min(4, os.cpu_count() or 1)
-    if len(seeds) < 3 or workers < 2 or acc.nbytes < (1 << 18):
+    if len(seeds) < 16 or workers < 2 or acc.nbytes < (1 << 18):  # small batches: threads cost more
         for seed, sign in seeds:
             add_mask(acc, seed, bits, sign)
         return
