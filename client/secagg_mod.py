@@ -75,11 +75,11 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
             _wipe(context)
         else:
             context.state.config_records[STATE_RECORD] = ConfigRecord(state)
-    except (SecAggClientError, identity.IdentityError, KeyError, TypeError, ValueError, OverflowError) as exc:
-        _wipe(context)  # an aborted round leaves no secret behind
-        if isinstance(exc, SecAggClientError):
-            raise
-        raise SecAggClientError(f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        _wipe(context)  # an aborted round leaves no secret behind, whatever went wrong
+        if isinstance(exc, (identity.IdentityError, KeyError, TypeError, ValueError, OverflowError)):
+            raise SecAggClientError(f"{type(exc).__name__}: {exc}") from exc
+        raise
     out[Key.STAGE] = str(stage)
     out[Key.NODE_ID] = node
     return Message(RecordDict({RECORD: ConfigRecord(out), **records}), reply_to=msg)
