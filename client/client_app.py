@@ -14,8 +14,13 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict, ArrayRecord
 from flwr.clientapp import ClientApp
 
+from logging import WARNING
+
+from flwr.common.logger import log
+
 from client.secagg_mod import secagg_mod
 from shared.config import FedConfig
+from shared.errors import FedLoraError
 
 if TYPE_CHECKING:
     from client.privacy import PrivacyLedger
@@ -71,7 +76,7 @@ def train(msg: Message, context: Context) -> Message:
     from client.local_data import client_frame
     from client.privacy import plan_privacy
     from client.trainer import train_local
-    from shared.data import encode
+    from shared.data import choose_max_length, encode
     from shared.lora import cached_model, load_trainable_state, trainable_state
     from shared.params import from_record, record_bytes, to_record
 
@@ -80,12 +85,17 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"].get("server-round", 0))
     frame, source = client_frame(cfg, context.node_config)
     model, tokenizer = cached_model(cfg, len(cfg.label_names))
-    dataset = encode(frame, cfg.label_names, tokenizer, cfg.max_length, source)
+    dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model), source)
     ledger = load_ledger(context, cfg)
     metrics = {"num-examples": len(dataset), "partition-id": int(context.node_config.get("partition-id", -1)),
                "delta": cfg.delta if cfg.dp else 0.0}
 
-    plan = plan_privacy(cfg, len(dataset)) if cfg.dp else None
+    try:
+        plan = plan_privacy(cfg, len(dataset)) if cfg.dp else None
+    except FedLoraError as exc:  # DP cannot meet this owner's budget: sit the round out, the run goes on
+        log(WARNING, "fedlora: declining round %s: %s", server_round, exc)
+        metrics |= {"declined": 1, "num-examples": 0, "epsilon": ledger.epsilon(), "train-loss": 0.0, "bytes-uploaded": 0}
+        return Message(RecordDict({"arrays": ArrayRecord(), "metrics": MetricRecord(metrics)}), reply_to=msg)
     if plan is not None and not ledger.can_train(plan):
         metrics |= {"declined": 1, "num-examples": 0, "epsilon": ledger.epsilon(),
                     "epsilon-next": ledger.epsilon_after(plan), "train-loss": 0.0, "bytes-uploaded": 0}

@@ -326,14 +326,14 @@ def reproduce_first_round(config: dict, csv: Path):
     from client.local_data import client_frame
     from client.trainer import train_local
     from shared.config import FedConfig
-    from shared.data import encode
+    from shared.data import choose_max_length, encode
     from shared.lora import cached_model, load_trainable_state, trainable_state
 
     cfg = FedConfig.from_run_config(config)
     assert not cfg.dp
     frame, source = client_frame(cfg, {"data-path": str(csv), "text-column": "text", "label-column": "label"})
     model, tokenizer = cached_model(cfg, len(cfg.label_names))
-    dataset = encode(frame, cfg.label_names, tokenizer, cfg.max_length, source)
+    dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model), source)
     start = {k: v.copy() for k, v in model.fedlora_initial_state.items()}  # round 1's global adapter
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the agent (--num-threads 1)
