@@ -36,18 +36,20 @@ def main(grid: Grid, context: Context) -> None:
 
 def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_round: int, arrays: ArrayRecord):
     """One round of training: (new global or None, per-client metrics, failed count)."""
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(cfg.to_run_config()), grid))
     if not cfg.secure_agg:
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(cfg.to_run_config()), grid))
         return strategy.aggregate_train(server_round, grid.send_and_receive(messages))
-    from server.secure_aggregation import SecAggConfig, secure_aggregate
+    from server.secure_aggregation import SecAggConfig, SecureAggregation
 
-    result = secure_aggregate(grid, arrays, messages, SecAggConfig(
-        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None,
+    secure = SecureAggregation(strategy, SecAggConfig(
+        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None, timeout=cfg.secagg_timeout,
+        max_weight=cfg.secagg_max_weight,
     ))
+    new_arrays, result, _ = secure.train_round(grid, server_round, arrays, ConfigRecord(cfg.to_run_config()))
     metrics = [with_client_id(m, int(m.get("node-id", -1))) for m in result.metrics]
     if result.error:
         Console(stderr=True).print(f"[yellow]round {server_round}: secure aggregation failed ({result.error}); global adapter unchanged")
-    return result.arrays, metrics, len(result.dropped)
+    return new_arrays, metrics, len(result.dropped)
 
 
 def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> RunReport:

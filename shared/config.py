@@ -59,6 +59,8 @@ class FedConfig:
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
     secagg_neighbours: int = 0  # 0: protocol default
+    secagg_timeout: float = 300.0  # seconds each secure-aggregation stage waits for replies
+    secagg_max_weight: int = 16384  # cap on one client's weight (examples) in the masked sum; 1: equal weights
     # outputs and resources
     local_baseline: bool = False  # simulation: also train each owner alone at the same budget, to compare
     output: str = "runs/latest"
@@ -104,6 +106,8 @@ class FedConfig:
             raise FedLoraError("--max-length must be 0 (from the data) or positive, --max-length-cap at least 8")
         if self.batch_size < 1:
             raise FedLoraError("--batch-size must be at least 1")
+        if self.secagg_max_weight < 1 or not self.secagg_timeout > 0:
+            raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout positive")
 
     @property
     def dirichlet_alpha(self) -> float | None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -12,6 +15,7 @@ from rich.console import Console
 
 from client.client_app import app as client_app
 from shared.config import FedConfig
+from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
 from client.privacy import plan_privacy
 from shared.data import choose_max_length, client_partition, load_federation, partitioning
 from shared.errors import FedLoraError
@@ -83,10 +87,25 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
     }
-    run_simulation(
-        server_app=server_app, client_app=client_app,
-        num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
-    )
+    # One signing key per virtual client; their public keys are the registered roster. The
+    # folder is named in the environment (Ray workers inherit it) for this run only.
+    previous = os.environ.get(ENV_SIM_DIR)
+    key_dir = tempfile.mkdtemp(prefix="fedlora-secagg-") if cfg.secure_agg else None
+    if key_dir:
+        make_simulation_keys(Path(key_dir), [f"partition-{pid}" for pid in range(num_nodes)])
+        os.environ[ENV_SIM_DIR] = key_dir
+    try:
+        run_simulation(
+            server_app=server_app, client_app=client_app,
+            num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
+        )
+    finally:
+        if key_dir:
+            if previous is None:
+                os.environ.pop(ENV_SIM_DIR, None)
+            else:
+                os.environ[ENV_SIM_DIR] = previous
+            shutil.rmtree(key_dir, ignore_errors=True)
     if failures:
         raise failures[0]
     if not reports:
