@@ -200,12 +200,6 @@ def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> fl
     import flwr.compat.common.recorddict_compat as compat
     from flwr.client.mod import secaggplus_mod
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WKey
 
     g = adapter(n_params, rng)
     deltas = [(rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for a in g.values()]
@@ -221,22 +215,7 @@ def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> fl
         return train
 
     grid = InProcessGrid({nid: make(nid) for nid in nodes}, mod=secaggplus_mod)
-    cm = SimpleClientManager()
-    for nid in nodes:
-        cm.register(GridClientProxy(nid, grid, 1))
-    ctx = LegacyContext(Context(1, 1, {}, RecordDict(), {}),
-                        strategy=FedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n),
-                        client_manager=cm)
-    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
-    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([a.numpy() for a in g.values()]), keep_input=True)
-    shares = resolve_k(n, None) + 1
-    shares += 1 - shares % 2
-    wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
-                            reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
-    t0 = time.perf_counter()
-    wf(grid, ctx)
-    return time.perf_counter() - t0
+    return _time_flwr_secaggplus(grid, nodes, g)
 
 
 def mask_throughput(n_params: int, reps: int = 5) -> tuple[float, float]:
@@ -332,12 +311,6 @@ def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
     import flwr.compat.common.recorddict_compat as compat
     from flwr.client.mod import secaggplus_mod
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WKey
 
     keys = list(g.keys())
 
@@ -353,6 +326,21 @@ def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
 
     grid = InProcessGrid({nid: train for nid in nodes}, mod=secaggplus_mod)
     _real_contexts(grid, nodes)
+    return _time_flwr_secaggplus(grid, nodes, g)
+
+
+def _time_flwr_secaggplus(grid, nodes: list[int], g) -> float:
+    """One round of Flower's own SecAgg+ workflow over `grid`, with shares sized like ours."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WKey
+
+    n = len(nodes)
     cm = SimpleClientManager()
     for nid in nodes:
         cm.register(GridClientProxy(nid, grid, 1))
@@ -362,19 +350,13 @@ def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
     ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
         ndarrays_to_parameters([a.numpy() for a in g.values()]), keep_input=True)
-    wf = _flwr_workflow(n)
+    shares = resolve_k(n, None) + 1
+    shares += 1 - shares % 2
+    wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
+                            reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
     t0 = time.perf_counter()
     wf(grid, ctx)
     return time.perf_counter() - t0
-
-
-def _flwr_workflow(n: int):
-    from flwr.server.workflow import SecAggPlusWorkflow
-
-    shares = resolve_k(n, None) + 1
-    shares += 1 - shares % 2
-    return SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
-                              reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
 
 
 def main_real(clients: list[int], examples: int, skip_flwr: bool, dp: bool = False, reps: int = 1) -> None:
