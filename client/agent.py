@@ -72,7 +72,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
               text_column: str = "text", label_column: str = "label", target_epsilon: float | None = None,
               ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
               insecure: bool = False, validate: bool = True, max_retries: int | None = None,
-              policy: "OwnerPolicy | None" = None) -> int:
+              policy: "OwnerPolicy | None" = None, roster: Path | None = None,
+              secagg_min_fraction: float | None = None) -> int:
     split_address(superlink)
     data = Path(data).expanduser().resolve()
     if not data.is_file():
@@ -100,6 +101,24 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
                                  "log-path": str(home / "client.log"), **policy.to_node_config()}
     if target_epsilon is not None:
         values["target-epsilon"] = float(target_epsilon)
+    if roster is not None:
+        # Secure aggregation: this owner signs with its node key and trusts only the owner keys
+        # in its local roster (from the operator, like ca.crt), never keys the server sends.
+        from shared.secagg.identity import IdentityError, load_identity
+
+        roster = Path(roster).expanduser().resolve()
+        if node_key is None:
+            raise FedLoraError("--roster needs --node-key (the key this owner signs with)")
+        try:
+            load_identity({"secagg-key": str(Path(node_key).expanduser().resolve()), "secagg-roster": str(roster)})
+        except IdentityError as exc:
+            raise FedLoraError(f"--roster: {exc}") from exc
+        values["secagg-key"] = str(Path(node_key).expanduser().resolve())
+        values["secagg-roster"] = str(roster)
+    if secagg_min_fraction is not None:
+        if not 0.0 <= secagg_min_fraction <= 1.0:
+            raise FedLoraError("--secagg-min-fraction must be in [0, 1]")
+        values["secagg-min-fraction"] = float(secagg_min_fraction)
     node_config = home / "node-config.toml"  # local only: read by this SuperNode, never uploaded
     node_config.write_text(node_config_toml(values), encoding="utf-8")
 

@@ -118,7 +118,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     from client.policy import DeclineCode, Declined, OwnerPolicy
     from client.privacy import PrivacyLedger, plan_privacy
     from client.trainer import train_local
-    from shared.data import encode
+    from shared.data import choose_max_length, encode
     from shared.errors import FedLoraError
     from shared.lora import cached_model, load_trainable_state, trainable_state
     from shared.params import from_record, record_bytes, to_record
@@ -134,7 +134,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     try:
         frame, source = client_frame(cfg, context.node_config)
         model, tokenizer = cached_model(cfg, len(cfg.label_names))
-        dataset = encode(frame, cfg.label_names, tokenizer, cfg.max_length, source)
+        dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model), source)
     except FedLoraError as exc:
         raise Declined(DeclineCode.DATA, str(exc)) from None
     if not cfg.dp:  # a non-private baseline, allowed by the policy: report everything, as before

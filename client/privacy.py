@@ -27,6 +27,9 @@ from shared.config import FedConfig
 from shared.errors import FedLoraError
 
 MAX_NOISE_MULTIPLIER = 50.0
+# RDP orders searched for the tightest (epsilon, delta) conversion: Opacus's defaults stop
+# at 63, where small budgets with large noise find their optimum at the edge (and warn).
+ALPHAS = [1 + x / 20 for x in range(1, 100)] + [float(a) for a in range(6, 64)] + [float(a) for a in range(64, 1025, 16)]
 
 
 @dataclass(frozen=True)
@@ -34,33 +37,51 @@ class PrivacyPlan:
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
+    batch_size: int  # this client's expected Poisson batch: the run's, or less for a small owner
+
+
+MIN_STEPS_PER_EPOCH = 4
+
+
+def client_batch_size(cfg: FedConfig, num_examples: int) -> int:
+    """The run's expected batch, shrunk for an owner too small to fill it.
+
+    A small owner keeps at least MIN_STEPS_PER_EPOCH Poisson steps per epoch, so it
+    trains at its own sampling rate instead of being refused; its noise multiplier
+    and epsilon are computed for that rate.
+    """
+    return max(1, min(cfg.batch_size, num_examples // MIN_STEPS_PER_EPOCH))
 
 
 def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
-    if num_examples < cfg.batch_size:
-        raise FedLoraError(
-            f"client has {num_examples} examples, fewer than the DP batch size {cfg.batch_size}: "
-            "lower --batch-size or give it more data"
-        )
+    """Noise multiplier for this client's own data size over the whole planned run.
+
+    Raises FedLoraError only where DP-SGD cannot meet the budget (no data, delta not
+    below 1/N, or a noise multiplier beyond MAX_NOISE_MULTIPLIER); the client then
+    declines its rounds while the run goes on.
+    """
+    if num_examples < 1:
+        raise FedLoraError("client has no examples")
     if not cfg.delta < 1.0 / num_examples:
         raise FedLoraError(f"--delta {cfg.delta} must be below 1/N = {1.0 / num_examples:.2e} for a client with N={num_examples} examples")
+    batch_size = client_batch_size(cfg, num_examples)
     # Opacus's Poisson loader: sample_rate = 1 / len(loader), one step per batch
-    batches = math.ceil(num_examples / cfg.batch_size)
+    batches = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / batches
     steps_per_round = cfg.local_epochs * batches
     try:
         sigma = get_noise_multiplier(
             target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=sample_rate,
-            steps=steps_per_round * cfg.rounds, accountant="rdp",
+            steps=steps_per_round * cfg.rounds, accountant="rdp", alphas=ALPHAS,
         )
     except ValueError as exc:
         raise FedLoraError(f"epsilon target cannot be met: --target-epsilon {cfg.target_epsilon} ({exc})") from exc
     if sigma > MAX_NOISE_MULTIPLIER:
         raise FedLoraError(
             f"epsilon target cannot be met: --target-epsilon {cfg.target_epsilon} over {cfg.rounds} rounds needs noise "
-            f"multiplier {sigma:.0f} (> {MAX_NOISE_MULTIPLIER:.0f}); raise the target or lower rounds/epochs"
+            f"multiplier {sigma:.0f} (> {MAX_NOISE_MULTIPLIER:.0f}) for {num_examples} examples; raise the target or lower rounds/epochs"
         )
-    return PrivacyPlan(sigma, sample_rate, steps_per_round)
+    return PrivacyPlan(sigma, sample_rate, steps_per_round, batch_size)
 
 
 def _total_steps(history) -> int:
@@ -88,13 +109,13 @@ class PrivacyLedger:
 
     def epsilon(self) -> float:
         acc = self.accountant()
-        return float(acc.get_epsilon(self.delta)) if acc.history else 0.0
+        return float(acc.get_epsilon(self.delta, alphas=ALPHAS)) if acc.history else 0.0
 
     def epsilon_after(self, plan: PrivacyPlan) -> float:
         """Epsilon if the client trained one more round under `plan`."""
         acc = self.accountant()
         acc.history.append((plan.noise_multiplier, plan.sample_rate, plan.steps_per_round))
-        return float(acc.get_epsilon(self.delta))
+        return float(acc.get_epsilon(self.delta, alphas=ALPHAS))
 
     def can_train(self, plan: PrivacyPlan, tolerance: float = 1e-6) -> bool:
         return self.epsilon_after(plan) <= self.target_epsilon * (1 + tolerance)

@@ -130,12 +130,12 @@ def privacy_engine(accountant: str = "rdp"):
 
 
 def make_private(engine, *, module, optimizer, data_loader: DataLoader, noise_multiplier: float,
-                 max_grad_norm: float, rng: ChaChaRNG | None = None):
+                 max_grad_norm: float | list[float], clipping: str = "flat", rng: ChaChaRNG | None = None):
     """``engine.make_private`` with Poisson sampling and noise from a fresh ChaCha20 stream."""
     rng = rng or ChaChaRNG()
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=module, optimizer=optimizer, data_loader=secure_poisson_loader(data_loader, rng),
-        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=False,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=False, clipping=clipping,
     )
     dp_model.forbid_grad_accumulation()  # what poisson_sampling=True would have set
     use_secure_noise(dp_optimizer, rng)

@@ -31,6 +31,12 @@ _HELP = {
     "max_grad_norm": "DP per-example clipping norm (default: 0.3)",
     "brands": "synthetic data: number of brands (data owners)",
     "labels": "JSON list fixing the global label set (default: from the training data)",
+    "max_length": "tokens per text; 0 (default): the 95th percentile of each owner's data, bucketed",
+    "max_length_cap": "longest length the data-driven choice may pick (default: 256)",
+    "min_client_examples": "simulation: leave out owners with fewer rows (default: 20)",
+    "local_baseline": "simulation: also train each owner alone at the same budget and compare",
+    "optimizer": "sgd or adam (default: sgd; under DP the SGD rates are per unit of clipped gradient)",
+    "clipping": "split (head and adapter each clipped to half the budget) or flat",
 }
 _SPECIAL = {"dp", "secure_agg", "partition_by", "partition", "num_clients"}
 
@@ -40,7 +46,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in _SPECIAL:
             continue
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(f.default), default=None, help=_HELP.get(f.name, f"default: {f.default}"))
+        help_text = _HELP.get(f.name, f"default: {f.default}")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, help=help_text)
     parser.add_argument("--num-clients", type=int, default=None, help="default: one per brand (synthetic) or 6")
     parser.add_argument("--partition-by", default=None, help=_HELP["partition_by"])
     parser.add_argument("--partition", default=None, help=_HELP["partition"])
@@ -101,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):  # quiet by default: --verbose shows the libraries' own chatter
+        import warnings
+
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
     try:
         return args.func(args)
     except FedLoraError as exc:

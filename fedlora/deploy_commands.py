@@ -79,7 +79,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
                      target_epsilon=args.target_epsilon, ledger=Path(args.ledger) if args.ledger else None,
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
                      insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
-                     policy=_policy_from_args(args))
+                     policy=_policy_from_args(args), roster=Path(args.roster) if args.roster else None,
+                     secagg_min_fraction=args.secagg_min_fraction)
 
 
 # --- run -----------------------------------------------------------------------------
@@ -224,6 +225,12 @@ def add_deploy_commands(sub) -> None:
     cli.add_argument("--superlink", required=True, help="the server's HOST:PORT")
     cli.add_argument("--root-cert", default=None, help="the federation's CA certificate (ca.crt)")
     cli.add_argument("--node-key", default=None, help="this agent's private key (supernodes/client-N)")
+    cli.add_argument("--roster", default=None,
+                     help="folder of the registered owners' public keys (.pub) from the operator; secure aggregation "
+                          "trusts only these (e.g. certs/supernodes)")
+    cli.add_argument("--secagg-min-fraction", type=float, default=None,
+                     help="refuse to unmask unless at least this fraction of the round's clients survive "
+                          "(raises the protocol threshold, never lowers it)")
     cli.add_argument("--data", required=True, help="CSV, TSV, JSONL or Parquet with this owner's examples (stays here)")
     cli.add_argument("--text-column", default="text")
     cli.add_argument("--label-column", default="label")

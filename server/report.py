@@ -18,8 +18,8 @@ from rich.console import Console
 from client.policy import FAILURE_CODES, DeclineCode
 from rich.table import Table
 
-ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "clients_declined",
-                "clients_failed", "bytes_uploaded", "seconds"]
+ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "majority_accuracy", "epsilon_max", "clients_trained",
+                "clients_declined", "clients_failed", "bytes_uploaded", "seconds"]
 
 
 def _finite(x):
@@ -44,13 +44,17 @@ class RunReport:
     config: dict
     rounds: list[dict] = field(default_factory=list)
     clients: dict[str, dict] = field(default_factory=dict)
+    labels: list[str] = field(default_factory=list)
+    owners: dict[str, dict] = field(default_factory=dict)  # per owner: federated (and local-only) scores
+    warnings: list[str] = field(default_factory=list)
 
     @classmethod
     def resume(cls, output: Path, config: dict) -> "RunReport":
         path = output / "summary.json"
         if path.exists():
             old = json.loads(path.read_text())
-            return cls(output, config, old.get("rounds", []), old.get("clients", {}))
+            return cls(output, config, old.get("rounds", []), old.get("clients", {}), old.get("labels", []),
+                       old.get("owners", {}), old.get("warnings", []))
         return cls(output, config)
 
     def add_round(self, server_round: int, evaluation: dict, client_metrics: list[dict], failed: int, seconds: float) -> dict:
@@ -73,7 +77,8 @@ class RunReport:
                 entry["declined_code"] = int(m.get("declined-code", DeclineCode.BUDGET))
         eps = [float(m["epsilon"]) for m in client_metrics if "epsilon" in m]
         row = {
-            "round": server_round, **{k: evaluation[k] for k in ("accuracy", "macro_f1", "loss")},
+            "round": server_round, **{k: evaluation[k] for k in ("accuracy", "macro_f1", "loss", "majority_accuracy")},
+            **{f"recall_{name}": r for name, r in zip(self.labels, evaluation.get("recall", []))},
             "epsilon_max": _finite(max(eps)) if eps else None,
             "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained) - len(errored),
             "clients_failed": failed + len(errored),
@@ -81,6 +86,12 @@ class RunReport:
             "seconds": round(seconds, 2),
         }
         self.rounds = [r for r in self.rounds if r["round"] != server_round] + [row]
+        for owner, owner_scores in evaluation.get("owners", {}).items():
+            self.owners.setdefault(owner, {})["federated"] = owner_scores
+        if evaluation["loss"] > evaluation["uniform_loss"] and server_round > 1:
+            self.warnings.append(
+                f"round {server_round}: held-out loss {evaluation['loss']:.3f} is above {evaluation['uniform_loss']:.3f}, "
+                "the loss of a uniform guess: training is diverging (lower --lr / --head-lr, or raise --target-epsilon)")
         self.write()
         return row
 
@@ -89,8 +100,12 @@ class RunReport:
         return {
             "config": self.config,
             "rounds": self.rounds,
-            "final": {"accuracy": last.get("accuracy"), "macro_f1": last.get("macro_f1"), "loss": last.get("loss")},
+            "labels": self.labels,
+            "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "loss", "majority_accuracy")}
+            | {"recall": {name: last.get(f"recall_{name}") for name in self.labels}},
             "clients": self.clients,
+            "owners": self.owners,
+            "warnings": self.warnings,
         }
 
     def write(self) -> None:
@@ -98,9 +113,9 @@ class RunReport:
         _atomic_write(self.output / "summary.json", json.dumps(self.summary(), indent=2))
         tmp = self.output / "metrics.csv.tmp"
         with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS)
+            writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS + [f"recall_{n}" for n in self.labels])
             writer.writeheader()
-            writer.writerows({k: r.get(k) for k in ROUND_FIELDS} for r in self.rounds)
+            writer.writerows({k: r.get(k) for k in writer.fieldnames} for r in self.rounds)
         os.replace(tmp, self.output / "metrics.csv")
 
     def plot(self) -> Path:
@@ -112,9 +127,14 @@ class RunReport:
         rounds = [r["round"] for r in self.rounds]
         fig, ax1 = plt.subplots(figsize=(6.4, 4))
         ax1.plot(rounds, [r["accuracy"] for r in self.rounds], "o-", color="tab:blue", label="accuracy")
+        ax1.plot(rounds, [r.get("macro_f1") for r in self.rounds], "^-", color="tab:green", label="macro-F1")
+        majority = self.rounds[-1].get("majority_accuracy") if self.rounds else None
+        if majority is not None:
+            ax1.axhline(majority, color="grey", linestyle=":", label="majority class")
         ax1.set_xlabel("round")
-        ax1.set_ylabel("held-out accuracy", color="tab:blue")
+        ax1.set_ylabel("held-out score")
         ax1.set_ylim(0, 1)
+        ax1.legend(loc="lower right", fontsize="small")
         ax2 = ax1.twinx()
         ax2.plot(rounds, [r["epsilon_max"] if r["epsilon_max"] is not None else float("nan") for r in self.rounds],
                  "s--", color="tab:red", label="max client epsilon")
@@ -128,10 +148,25 @@ class RunReport:
         return path
 
     def print_table(self, console: Console | None = None) -> None:
+        """Fits an 80-column terminal: the full history is in metrics.csv and summary.json."""
+        console = console or Console()
         table = Table(title="fedlora run")
-        for col in ("round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "bytes_uploaded", "seconds"):
-            table.add_column(col, justify="right")
+        columns = {"round": "round", "accuracy": "acc", "macro_f1": "macro-F1", "loss": "loss",
+                   "epsilon_max": "eps max", "clients_trained": "clients", "seconds": "sec"}
+        for header in columns.values():
+            table.add_column(header, justify="right")
         for r in self.rounds:
-            table.add_row(*[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in
-                            ("round", "accuracy", "macro_f1", "loss", "epsilon_max", "clients_trained", "bytes_uploaded", "seconds")])
-        (console or Console()).print(table)
+            table.add_row(*[_cell(r.get(c), 1 if c == "seconds" else 2 if c == "epsilon_max" else 3) for c in columns])
+        console.print(table)
+        last = self.rounds[-1] if self.rounds else {}
+        if self.labels and last:
+            recall = ", ".join(f"{n} {last.get(f'recall_{n}', float('nan')):.2f}" for n in self.labels)
+            console.print(f"recall per class: {recall}; majority-class accuracy {last.get('majority_accuracy', float('nan')):.3f}")
+        for warning in self.warnings[-3:]:
+            console.print(f"[yellow]warning: {warning}")
+
+
+def _cell(value, digits: int) -> str:
+    if value is None:
+        return "off"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)

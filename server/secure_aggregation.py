@@ -1,79 +1,89 @@
-"""Server side of secure aggregation (SecAgg+-style, Bonawitz et al. 2017; Bell et al. 2020).
+"""Server side of secure aggregation (SecAgg+, Bell et al. 2020, hardened against a malicious server).
 
-Four round trips over ``grid.send_and_receive``:
+Five round trips over ``grid.send_and_receive`` (see ``shared/secagg/protocol.py`` for the
+parameters and ``client/secagg_mod.py`` for what each client checks):
 
-1. setup: each sampled node gets its neighbours in a random k-regular graph and answers
-   with two X25519 public keys (share encryption, mask agreement) and a commitment to its
-   self-mask seed.
-2. share-keys: each node gets its neighbours' public keys and returns Shamir shares of
-   its self-mask seed and mask key, AES-GCM encrypted for each neighbour; the server only
-   relays ciphertexts.
+1. setup: each sampled node gets the sorted node list, the graph degree k and the session id;
+   it answers with two X25519 public keys, a commitment to its self-mask seed and its
+   thresholds, all signed with its registered owner key.
+2. share-keys: each node gets its Harary-graph neighbours' signed advertisements, verifies
+   them against its local roster, and returns Shamir shares of its self-mask seed and mask
+   key, AES-GCM encrypted for each neighbour; the server only relays ciphertexts.
 3. collect-masked: the original TRAIN content plus the relayed shares; each node trains,
-   encodes ``[w * delta, w]`` in Z_{2^b} and adds its self mask and pairwise masks. Metrics
-   come back in clear (as with plain FedAvg), the update only masked.
-4. unmask: survivors reveal, per neighbour, the self-mask-seed share (neighbour alive) or
-   the mask-key share (neighbour dropped), never both; the server strips the masks from the
-   *sum* and divides by the unmasked total weight.
+   encodes ``[w * delta, w]`` in Z_{2^b} and adds its self mask and pairwise masks.
+4. consistency: the survivors (nodes whose masked vector arrived) sign that exact set.
+5. unmask: each survivor checks the signatures of its neighbourhood on the same set, then
+   reveals per neighbour the self-mask share (alive) or the mask-key share (dropped).
 
-Shares go to the k graph neighbours (SecAgg+), with per-neighbourhood threshold
-``t_local = ceil(t/n * (k+1))``: that keeps Shamir work O(k) per node, where sharing with
-all n would cost seconds of pure-Python GF(2^128) arithmetic per node at 100 clients. With
-``neighbours = n - 1`` (complete graph) ``t_local = t`` and any ``n - t`` dropouts after
-masking are tolerated; with sparser graphs a round survives as long as every affected
-neighbourhood keeps ``t_local`` live members, and otherwise fails cleanly.
+The server strips the masks from the *sum* only, checks the sum is within what the sampled
+clients could honestly produce, and hands the weighted mean to the wrapped strategy.
 
-Every ring vector the server handles passes through :class:`RingAccumulator`, which only
-ever holds the running sum of masked vectors minus regenerated masks.
+A client that sends anything malformed, oversized, duplicated or inconsistent is dropped
+from the round with one log line and the round goes on (:class:`_Bad`); a round that cannot
+complete (fewer than t survivors, an out-of-range sum) is discarded and the model kept.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from shared.secagg import crypto, masks, shamir
-from shared.secagg.protocol import RECORD, Key, Stage
-from shared.secagg.quantize import (
-    DEFAULT_CLIP,
-    DEFAULT_MAX_WEIGHT,
-    QuantizationOverflow,
-    RingFormat,
-    choose_format,
-    decode_sum,
+from shared.secagg import crypto, identity, masks, shamir
+from shared.secagg.protocol import (
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, pack_ids, resolve_k, thresholds,
 )
+from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
 log = logging.getLogger("flwr")
 
-MASKED_RECORD = "secagg-masked"
+DEFAULT_MAX_WEIGHT = 1 << 14
+"""Default cap on a client's weight (its example count is clipped to it)."""
+
+__all__ = ["MASKED_RECORD", "RingAccumulator", "RoundFailed", "SecAggConfig", "SecAggResult", "SecureAggregation",
+           "secure_aggregate"]
 
 
 @dataclass
 class SecAggConfig:
     """Protocol parameters.
 
-    ``threshold``: fraction of the sampled clients (float <= 1) or absolute count; default
-    2/3 of n, at least 2. ``neighbours``: degree k of the random mask/share graph; default
-    max(2, ceil(log2 n)), capped to n - 1. ``bits``: ring size, auto from n and the bounds.
-    ``update_bound``: declared bound on each client's |delta|_inf (e.g. from DP clipping);
-    larger updates make the round fail with an overflow error rather than wrap.
-    ``max_weight``: declared cap on a client's num-examples.
+    ``threshold``: raises the minimum number of survivors (fraction <= 1 of the sampled clients
+    or a count); it can never go below the client-enforced minimum (majority of n and n - f).
+    ``neighbours``: graph degree k (default: complete up to 12 clients, else 2 ceil(log2 n)).
+    ``timeout``: seconds each stage waits for replies. ``update_bound``: declared bound C on
+    each client's |delta|_inf (clients clip to it). ``max_weight``: cap W on a client's
+    weight; ``equal_weights`` sets W = 1 (every trained client counts once).
     """
 
     threshold: float | int | None = None
     neighbours: int | None = None
     bits: int | None = None
-    timeout: float = 3600.0
+    timeout: float = 300.0
     update_bound: float | None = None
     max_weight: int | None = None
+    equal_weights: bool = False
+    roster: dict | None = None
+    """Registered owner keys (fingerprint -> public key), when the server has them too: it then
+    checks advertisements itself, so a client falsely accusing a peer drops only itself.
+    Default: the simulation roster when one is set up, else None (clients' word decides)."""
+
+    def __post_init__(self) -> None:
+        if self.roster is None and os.environ.get(identity.ENV_SIM_DIR):
+            try:
+                self.roster = identity.load_roster(Path(os.environ[identity.ENV_SIM_DIR]) / "roster")
+            except identity.IdentityError:
+                self.roster = None
 
 
 @dataclass
@@ -86,10 +96,15 @@ class SecAggResult:
     quantization_error: float = 0.0
     """Bound on the absolute error of each aggregated coordinate vs exact FedAvg."""
     warnings: list[str] = field(default_factory=list)
+    total_weight: int = 0
 
 
 class RoundFailed(RuntimeError):
     """The round cannot complete without revealing something; the global stays unchanged."""
+
+
+class _Bad(ValueError):
+    """One client's record is malformed or inconsistent: that client is dropped."""
 
 
 class RingAccumulator:
@@ -110,62 +125,36 @@ class RingAccumulator:
     def remove_mask(self, seed: bytes, sign: int) -> None:
         masks.add_mask(self.value, seed, self.bits, -sign)
 
-
-def resolve_threshold(threshold: float | int | None, n: int) -> int:
-    if threshold is None:
-        t = math.ceil(2 * n / 3)
-    elif isinstance(threshold, float) and threshold <= 1.0:
-        t = math.ceil(threshold * n)
-    else:
-        t = int(threshold)
-    return min(n, max(2, t))
+    def remove_masks(self, seeds: list[tuple[bytes, int]]) -> None:
+        """Remove many masks (expanded in parallel, see :func:`masks.add_masks`)."""
+        masks.add_masks(self.value, [(seed, -sign) for seed, sign in seeds], self.bits)
 
 
-def resolve_neighbours(neighbours: int | None, n: int) -> int:
-    k = max(2, math.ceil(math.log2(n))) if neighbours is None else int(neighbours)
-    k = max(1, min(k, n - 1))
-    if (k * n) % 2:
-        k = k + 1 if k + 1 <= n - 1 else k - 1
-    return k
+def _get(rec: ConfigRecord, key: str, kind, *, size: int | None = None, max_len: int = MAX_NODES):
+    if key not in rec:
+        raise _Bad(f"missing {key!r}")
+    v = rec[key]
+    if kind is bytes:
+        if not isinstance(v, bytes) or (size is not None and len(v) != size) or len(v) > 4096:
+            raise _Bad(f"malformed {key!r}")
+    elif kind is int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise _Bad(f"malformed {key!r}")
+    elif kind == "ints":
+        if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            raise _Bad(f"malformed {key!r}")
+    elif kind == "bytes-list":
+        if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, bytes) and len(x) <= 4096 for x in v):
+            raise _Bad(f"malformed {key!r}")
+    return v
 
 
-def random_regular_graph(nodes: list[int], k: int, rng: secrets.SystemRandom | None = None) -> dict[int, set[int]]:
-    """Random simple k-regular graph: a circulant on a random permutation, then degree-preserving
-    double-edge swaps to randomise it (needs k * n even)."""
-    rng = rng or secrets.SystemRandom()
-    n = len(nodes)
-    if not 0 < k < n or (k * n) % 2:
-        raise ValueError(f"no simple {k}-regular graph on {n} nodes")
-    order = list(nodes)
-    rng.shuffle(order)
-    edges: set[tuple[int, int]] = set()
-    for i in range(n):
-        for off in range(1, k // 2 + 1):
-            a, b = order[i], order[(i + off) % n]
-            edges.add((min(a, b), max(a, b)))
-        if k % 2:
-            a, b = order[i], order[(i + n // 2) % n]
-            edges.add((min(a, b), max(a, b)))
-    if k < n - 1:
-        elist = list(edges)
-        for _ in range(10 * len(elist)):
-            i1, i2 = rng.randrange(len(elist)), rng.randrange(len(elist))
-            (a, b), (c, d) = elist[i1], elist[i2]
-            if rng.random() < 0.5:
-                c, d = d, c
-            if len({a, b, c, d}) < 4:
-                continue
-            e1, e2 = (min(a, d), max(a, d)), (min(c, b), max(c, b))
-            if e1 in edges or e2 in edges:
-                continue
-            edges.difference_update({elist[i1], elist[i2]})
-            edges.update({e1, e2})
-            elist[i1], elist[i2] = e1, e2
-    graph: dict[int, set[int]] = {v: set() for v in nodes}
-    for a, b in edges:
-        graph[a].add(b)
-        graph[b].add(a)
-    return graph
+def _threshold_request(threshold, n: int) -> int:
+    if not threshold:
+        return 0
+    if isinstance(threshold, float) and threshold <= 1.0:
+        return math.ceil(threshold * n)
+    return int(threshold)
 
 
 class _Round:
@@ -177,24 +166,25 @@ class _Round:
             raise ValueError("train_messages must target distinct nodes")
         self.nodes = sorted(self.train)
         self.n = len(self.nodes)
-        self.t = resolve_threshold(config.threshold, self.n)
-        self.k = resolve_neighbours(config.neighbours, self.n) if self.n >= 2 else 0
-        self.t_local = min(self.k + 1, max(2, math.ceil(self.t / self.n * (self.k + 1))))
+        self.k = resolve_k(self.n, config.neighbours)
+        self.t_req = _threshold_request(config.threshold, self.n)
+        self.t, self.t_local = thresholds(self.n, self.k, self.t_req)
         self.sid = os.urandom(16)
         cfg = train_messages[0].content.config_records.get("config", ConfigRecord()) if train_messages else {}
         self.rnd = int(cfg.get("server-round", 0))
         self.group_id = str(self.rnd)
         self.warnings: list[str] = []
-        self.pk_c: dict[int, bytes] = {}
-        self.pk_s: dict[int, bytes] = {}
-        self.commit: dict[int, bytes] = {}
+        self.ad: dict[int, dict] = {}
         self.alive: set[int] = set(self.nodes)
+        self.graph = harary_graph(self.nodes, self.k, self.sid)
 
-    def fail(self, why: str) -> RoundFailed:
-        return RoundFailed(why)
+    def warn(self, text: str) -> None:
+        log.warning("secure aggregation: %s", text)
+        self.warnings.append(text)
 
     def exchange(self, stage: str, payloads: dict[int, RecordDict]) -> dict[int, RecordDict]:
-        """One round trip; keeps only well-formed replies from the node the request went to."""
+        """One round trip. Returns one reply per node that answered well-formed; every node that
+        did not is named once in the log, as a dropout or as a rejected client."""
         msgs = {
             nid: Message(content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=self.group_id)
             for nid, content in payloads.items()
@@ -202,88 +192,145 @@ class _Round:
         replies = list(self.grid.send_and_receive(list(msgs.values()), timeout=self.config.timeout))
         by_msg_id = {m.metadata.message_id: nid for nid, m in msgs.items() if m.metadata.message_id}
         out: dict[int, RecordDict] = {}
+        bad: dict[int, str] = {}
         for r in replies:
             src = int(r.metadata.src_node_id)
             expected = by_msg_id.get(r.metadata.reply_to_message_id) if by_msg_id else (src if src in msgs else None)
-            if expected is None or src != expected:
-                self.warn(f"{stage}: rejected reply from node {src} to a request for node {expected}")
-                continue
+            if expected is None:
+                continue  # not an answer to this stage (late reply of an earlier one)
             if r.has_error():
-                self.warn(f"{stage}: node {src} replied with an error: {r.error.reason}")
+                if src == expected:
+                    bad[expected] = f"refused: {r.error.reason}"
+                else:  # the SuperLink answering for a node that is gone
+                    self.warn(f"{stage}: node {expected} dropped out ({r.error.reason})")
+                    bad[expected] = ""
+                continue
+            if src != expected:
+                bad[expected] = f"reply came from node {src}"
                 continue
             rec = r.content.config_records.get(RECORD)
             if rec is None or rec.get(Key.STAGE) != stage or rec.get(Key.NODE_ID) != src:
-                self.warn(f"{stage}: rejected reply from node {src}: wrong stage or claimed node id")
+                bad[src] = "wrong stage or claimed node id"
                 continue
             if src in out:
-                self.warn(f"{stage}: duplicate reply from node {src} ignored")
+                bad[src] = "duplicate reply"
                 continue
             out[src] = r.content
+        for nid, why in bad.items():
+            out.pop(nid, None)
+            if why:
+                self.warn(f"{stage}: node {nid} dropped from the round: {why}")
+        for nid in sorted(set(msgs) - set(out) - set(bad)):
+            self.warn(f"{stage}: node {nid} dropped out (no reply within {self.config.timeout:g} s)")
         return out
 
-    def warn(self, text: str) -> None:
-        log.warning("secure aggregation: %s", text)
-        self.warnings.append(text)
+    def reject(self, stage: str, nid: int, why: str) -> None:
+        self.warn(f"{stage}: node {nid} dropped from the round: {why}")
 
     def need(self, alive: Iterable[int], stage: str) -> None:
-        alive = list(alive)
+        alive = set(alive)
+        self.alive = alive
         if len(alive) < self.t:
-            raise self.fail(f"{stage}: only {len(alive)} clients left, threshold is {self.t}")
+            raise RoundFailed(f"{stage}: only {len(alive)} clients left, threshold is {self.t}")
 
-    def run(self) -> SecAggResult:
-        g = random_regular_graph(self.nodes, self.k)
-        self.graph = g
-        # 1. setup
+    def abort(self) -> None:
+        """Best effort: tell every sampled node to wipe this round's secrets (they also wipe on
+        any refused step and when the next round starts)."""
+        try:
+            msgs = [Message(RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.ABORT, Key.SID: self.sid})}),
+                            dst_node_id=nid, message_type=MessageType.TRAIN, group_id=self.group_id)
+                    for nid in self.nodes]
+            self.grid.send_and_receive(msgs, timeout=min(self.config.timeout, 30.0))
+        except Exception as exc:  # noqa: BLE001 - the round already failed; never crash the run here
+            log.warning("secure aggregation: abort notice not delivered: %s", exc)
+
+    # --- stages -----------------------------------------------------------------------
+    def _setup(self) -> set[int]:
         replies = self.exchange(Stage.SETUP, {
             nid: RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd,
-                Key.NEIGHBOURS: sorted(g[nid]), Key.LOCAL_THRESHOLD: self.t_local,
-                Key.GLOBAL_THRESHOLD: self.t,
+                Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: pack_ids(self.nodes),
+                Key.K: self.k, Key.T_REQ: self.t_req,
             })}) for nid in self.nodes
         })
+        fps: dict[bytes, int] = {}
         for nid, content in replies.items():
-            rec = content[RECORD]
-            pk_c, pk_s, cm = rec.get(Key.PK_C), rec.get(Key.PK_S), rec.get("commit-b")
-            if all(isinstance(x, bytes) and len(x) == 32 for x in (pk_c, pk_s, cm)):
-                self.pk_c[nid], self.pk_s[nid], self.commit[nid] = pk_c, pk_s, cm
-        u1 = set(self.pk_c)
-        while True:  # nodes whose neighbourhood is too thin cannot share their secrets
-            thin = {i for i in u1 if len(g[i] & u1) + 1 < self.t_local}
-            if not thin:
-                break
-            u1 -= thin
-        self.alive = set(u1)
+            try:
+                rec = content[RECORD]
+                ad = {key: _get(rec, key, bytes, size=32) for key in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP)}
+                ad[Key.SIG] = _get(rec, Key.SIG, bytes)
+                ad[Key.T], ad[Key.T_LOCAL] = _get(rec, Key.T, int), _get(rec, Key.T_LOCAL, int)
+                if not (self.t <= ad[Key.T] <= self.n and self.t_local <= ad[Key.T_LOCAL] <= self.k + 1):
+                    raise _Bad("thresholds outside the valid range")
+                if ad[Key.FP] in fps:
+                    raise _Bad(f"owner key already used by node {fps[ad[Key.FP]]}")
+                if self.config.roster is not None:
+                    pub = self.config.roster.get(ad[Key.FP])
+                    data = ad_bytes(self.sid, self.rnd, nid, nodes_digest(self.nodes), self.k, ad[Key.T],
+                                    ad[Key.T_LOCAL], ad[Key.PK_C], ad[Key.PK_S], ad[Key.COMMIT])
+                    if pub is None or not identity.verify(pub, ad[Key.SIG], data):
+                        raise _Bad("advertisement not signed by a registered owner key")
+            except _Bad as exc:
+                self.reject(Stage.SETUP, nid, str(exc))
+                continue
+            fps[ad[Key.FP]] = nid
+            self.ad[nid] = ad
+        u1 = set(self.ad)
+        self.t = max([self.t, *(a[Key.T] for a in self.ad.values())])  # an owner may raise it
         self.need(u1, Stage.SETUP)
+        return u1
 
-        # 2. share keys
-        replies = self.exchange(Stage.SHARE_KEYS, {
-            i: RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SHARE_KEYS, Key.SID: self.sid, Key.ROUND: self.rnd,
-                Key.IDS: (ids := sorted(g[i] & u1)),
-                Key.PK_C: [self.pk_c[j] for j in ids], Key.PK_S: [self.pk_s[j] for j in ids],
-            })}) for i in sorted(u1)
-        })
+    def _share_keys(self, u1: set[int]) -> tuple[set[int], dict[int, tuple[list[int], list[bytes]]]]:
+        g = self.graph
+        payloads = {}
+        for i in sorted(u1):
+            ids = sorted(g[i] & u1)
+            payloads[i] = RecordDict({RECORD: ConfigRecord({
+                Key.STAGE: Stage.SHARE_KEYS, Key.SID: self.sid, Key.ROUND: self.rnd, Key.IDS: ids,
+                **{key: [self.ad[j][key] for j in ids] for key in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)},
+            })})
+        replies = self.exchange(Stage.SHARE_KEYS, payloads)
         fwd: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in u1}
         u2 = set()
+        accused: dict[int, int] = {}
+        parsed = {}
         for src, content in replies.items():
-            rec = content[RECORD]
-            dsts, cts = list(rec.get(Key.DST, [])), list(rec.get(Key.CT, []))
-            if len(dsts) != len(cts) or set(dsts) != g[src] & u1:
-                self.warn(f"share-keys: node {src} sent shares to the wrong set of nodes")
+            try:
+                rec = content[RECORD]
+                dsts = _get(rec, Key.DST, "ints", max_len=self.k)
+                cts = _get(rec, Key.CT, "bytes-list", max_len=self.k)
+                bad = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
+                if len(dsts) != len(cts) or len(set(dsts)) != len(dsts) or not set(dsts) <= g[src] & u1:
+                    raise _Bad("shares addressed to the wrong set of nodes")
+                if len(dsts) + 1 < self.ad[src][Key.T_LOCAL]:
+                    raise _Bad("too few shares to ever rebuild its secrets")
+            except _Bad as exc:
+                self.reject(Stage.SHARE_KEYS, src, str(exc))
                 continue
+            parsed[src] = (dsts, cts)
+            for j in bad:
+                if j in g[src]:
+                    accused.setdefault(j, src)
+        if self.config.roster is not None:  # the server verified every advertisement: the accuser lies
+            for j, by in sorted(accused.items()):
+                if by in parsed:
+                    self.reject(Stage.SHARE_KEYS, by, f"rejected node {j}'s valid advertisement")
+                    del parsed[by]
+            accused = {}
+        for j, by in sorted(accused.items()):
+            if j in parsed:  # a neighbour could not authenticate its advertisement against the roster
+                self.reject(Stage.SHARE_KEYS, j, f"advertisement rejected by node {by} (signature or roster)")
+                del parsed[j]
+        for src, (dsts, cts) in parsed.items():
+            dsts, cts = zip(*[(d, c) for d, c in zip(dsts, cts) if d not in accused]) if dsts else ((), ())
             u2.add(src)
             for dst, ct in zip(dsts, cts):
                 fwd[dst][0].append(src)
                 fwd[dst][1].append(ct)
-        self.alive = set(u2)
         self.need(u2, Stage.SHARE_KEYS)
+        return u2, fwd
 
-        # 3. collect masked vectors
-        fmt = choose_format(
-            len(u2), max_weight=self.config.max_weight or DEFAULT_MAX_WEIGHT,
-            clip=self.config.update_bound or DEFAULT_CLIP, bits=self.config.bits,
-        )
-        length = sum(int(np.prod(a.shape)) for a in self.global_arrays.values()) + 1
+    def _collect(self, u2, fwd, fmt: RingFormat, length: int, acc: "RingAccumulator"):
+        g = self.graph
         payloads = {}
         for i in sorted(u2):
             content = RecordDict(dict(self.train[i].content.items()))
@@ -292,123 +339,176 @@ class _Round:
             content[RECORD] = ConfigRecord({
                 Key.STAGE: Stage.COLLECT, Key.SID: self.sid, Key.ROUND: self.rnd,
                 Key.SRC: [srcs[p] for p in keep], Key.CT: [cts[p] for p in keep],
-                Key.NEIGHBOURS: sorted(g[i] & u2), Key.BITS: fmt.bits, Key.SCALE: fmt.scale,
+                Key.MASK_NBRS: sorted(g[i] & u2), Key.BITS: fmt.bits, Key.SCALE: fmt.scale,
                 Key.MAX_WEIGHT: fmt.max_weight, Key.CLIP: fmt.clip,
             })
             payloads[i] = content
         replies = self.exchange(Stage.COLLECT, payloads)
-        acc = RingAccumulator(length, fmt.bits)
         u3: set[int] = set()
         metrics: dict[int, MetricRecord] = {}
-        overflow = []
         for nid, content in sorted(replies.items()):
-            rec = content[RECORD]
-            if rec.get(Key.OVERFLOW):
-                overflow.append(f"node {nid}: {rec.get(Key.OVERFLOW_REASON, 'overflow')}")
+            try:
+                rec = content[RECORD]
+                rejected = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
+                vec = self._masked_vector(content, length, fmt)
+                m = content.metric_records.get("metrics", MetricRecord())
+                if len(content.metric_records) > 1 or len(content.array_records) != 1 or len(m) > 64:
+                    raise _Bad("unexpected records next to the masked vector")
+            except _Bad as exc:
+                self.reject(Stage.COLLECT, nid, str(exc))
                 continue
-            vec = self._masked_vector(content, length, fmt)
-            if vec is None:
-                self.warn(f"collect-masked: node {nid} sent a malformed masked vector")
-                continue
-            if rec.get(Key.REJECTED):
-                self.warn(f"collect-masked: node {nid} rejected shares from {list(rec[Key.REJECTED])}")
+            if rejected:
+                self.warn(f"collect-masked: node {nid} rejected shares from {sorted(set(rejected))}")
             acc.add_masked(nid, vec)
             del vec
             u3.add(nid)
-            metrics[nid] = content.metric_records.get("metrics", MetricRecord())
+            metrics[nid] = MetricRecord(dict(m))
             metrics[nid]["node-id"] = nid  # server-side only: tells deployed clients apart in the report
-        if overflow:
-            raise self.fail("overflow: update outside the declared bound (" + "; ".join(overflow) + ")")
-        self.alive = set(u3)
         self.need(u3, Stage.COLLECT)
-        dead = u2 - u3
+        return u3, metrics
 
-        # 4. unmask
-        replies = self.exchange(Stage.UNMASK, {
-            i: RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.UNMASK, Key.SID: self.sid, Key.ROUND: self.rnd,
-                Key.SURVIVORS: sorted((g[i] | {i}) & u3), Key.DROPPED: sorted(g[i] & dead),
-                Key.N_SURVIVORS: len(u3),
-            })}) for i in sorted(u3)
+    def _consistency_and_unmask(self, u2: set[int], u3: set[int]):
+        survivors = sorted(u3)
+        base = {Key.SID: self.sid, Key.ROUND: self.rnd, Key.SURVIVORS: pack_ids(survivors)}
+        replies = self.exchange(Stage.CONSISTENCY, {
+            i: RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.CONSISTENCY, **base})}) for i in survivors
         })
-        if silent := sorted(u3 - set(replies)):
-            self.warn(f"unmask: nodes {silent} did not answer; their masked updates are still aggregated")
+        sigs: dict[int, bytes] = {}
+        for nid, content in replies.items():
+            try:
+                sigs[nid] = _get(content[RECORD], Key.SIG, bytes)
+            except _Bad as exc:
+                self.reject(Stage.CONSISTENCY, nid, str(exc))
+        if len(sigs) < self.t:
+            raise RoundFailed(f"consistency: {len(sigs)} clients signed the survivor set, threshold is {self.t}")
+        g = self.graph
+        payloads = {}
+        for i in sorted(sigs):
+            ids = sorted((g[i] & set(sigs)))
+            payloads[i] = RecordDict({RECORD: ConfigRecord({
+                Key.STAGE: Stage.UNMASK, **base, Key.IDS: ids, Key.SIG: [sigs[j] for j in ids]})})
+        replies = self.exchange(Stage.UNMASK, payloads)
+        dead = u2 - u3
         b_shares: dict[int, list[bytes]] = {j: [] for j in u3}
         sk_shares: dict[int, list[bytes]] = {j: [] for j in dead}
         for holder, content in replies.items():
-            rec = content[RECORD]
-            for j, share in zip(rec.get(Key.IDS, []), rec.get(Key.SHARES, [])):
-                j = int(j)
-                if j in u3 and j in g[holder] | {holder}:
-                    b_shares[j].append(share)
-                elif j in dead and j in g[holder]:
-                    sk_shares[j].append(share)
-        for j in sorted(u3):
-            seed = self._recover(b_shares[j], f"self-mask seed of node {j}")
-            if crypto.commit_seed(self.sid, j, seed) != self.commit[j]:
-                raise self.fail(f"unmask: reconstructed self-mask seed of node {j} does not match its commitment")
-            acc.remove_mask(seed, +1)
-        for j in sorted(dead):
-            sk = self._recover(sk_shares[j], f"mask key of dropped node {j}")
-            if crypto.public_from_private(sk) != self.pk_s[j]:
-                raise self.fail(f"unmask: reconstructed mask key of node {j} does not match its public key")
-            for i in sorted(g[j] & u3):
-                seed = crypto.pair_mask_seed(crypto.agree(sk, self.pk_s[i]), self.sid, self.rnd, i, j)
-                acc.remove_mask(seed, +1 if i < j else -1)
+            try:
+                rec = content[RECORD]
+                ids = _get(rec, Key.IDS, "ints", max_len=self.k + 1)
+                kinds = _get(rec, Key.KIND, "ints", max_len=self.k + 1)
+                shares = _get(rec, Key.SHARES, "bytes-list", max_len=self.k + 1)
+                if not len(ids) == len(kinds) == len(shares) or len(set(ids)) != len(ids):
+                    raise _Bad("malformed share list")
+                items = []
+                for j, kind, share in zip(ids, kinds, shares):
+                    if len(share) != shamir.SHARE_LEN or j not in g[holder] | {holder}:
+                        raise _Bad(f"share for node {j} malformed or not held by it")
+                    if kind == 0 and j in u3:
+                        items.append((b_shares[j], share))
+                    elif kind == 1 and j in dead:
+                        items.append((sk_shares[j], share))
+                    else:
+                        raise _Bad(f"share of the wrong kind for node {j}")
+            except _Bad as exc:
+                self.reject(Stage.UNMASK, holder, str(exc))
+                continue
+            for lst, share in items:
+                lst.append(share)
+        return b_shares, sk_shares, dead
 
+    def _recover(self, shares: list[bytes], t_local: int, check, what: str) -> bytes:
+        """Rebuild a secret from >= t_local shares, tolerating wrong shares by trying subsets."""
+        if len(shares) < t_local:
+            raise RoundFailed(f"unmask: {len(shares)} shares of the {what}, need {t_local}")
+        tries = 0
+        for subset in itertools.combinations(shares, t_local):
+            tries += 1
+            if tries > 64:
+                break
+            try:
+                secret = shamir.combine(list(subset), t_local)
+            except ValueError:
+                continue
+            if check(secret):
+                return secret
+        raise RoundFailed(f"unmask: cannot rebuild the {what} from its shares")
+
+    def run(self) -> tuple[np.ndarray, int, RingFormat, list[MetricRecord], set[int]]:
+        u1 = self._setup()
+        u2, fwd = self._share_keys(u1)
+        w = 1 if self.config.equal_weights else int(self.config.max_weight or DEFAULT_MAX_WEIGHT)
+        fmt = choose_format(self.n, max_weight=w, clip=self.config.update_bound or DEFAULT_CLIP, bits=self.config.bits)
+        length = sum(int(np.prod(a.shape)) for a in self.global_arrays.values()) + 1
+        acc = RingAccumulator(length, fmt.bits)
+        u3, metrics = self._collect(u2, fwd, fmt, length, acc)
+        b_shares, sk_shares, dead = self._consistency_and_unmask(u2, u3)
+        # All secrets rebuilt in one vectorized pass; a secret whose first shares do not match its
+        # commitment / public key (a lying holder) is retried from other subsets of its shares.
+        alive, gone = sorted(u3), sorted(dead)
+        fast = shamir.combine_many([b_shares[j] for j in alive] + [sk_shares[j] for j in gone],
+                                   [self.ad[j][Key.T_LOCAL] for j in alive + gone])
+        seeds = []
+        for j, seed in zip(alive, fast[: len(alive)]):
+            check = lambda s, j=j: crypto.commit_seed(self.sid, j, s) == self.ad[j][Key.COMMIT]
+            if seed is None or not check(seed):
+                seed = self._recover(b_shares[j], self.ad[j][Key.T_LOCAL], check, f"self-mask seed of node {j}")
+            seeds.append((seed, +1))
+        for j, sk in zip(gone, fast[len(alive):]):
+            check = lambda s, j=j: crypto.public_from_private(s) == self.ad[j][Key.PK_S]
+            if sk is None or not check(sk):
+                sk = self._recover(sk_shares[j], self.ad[j][Key.T_LOCAL], check, f"mask key of dropped node {j}")
+            nbrs = sorted(self.graph[j] & u3)
+            for i, sec in zip(nbrs, crypto.agree_many(sk, [self.ad[i][Key.PK_S] for i in nbrs])):
+                seeds.append((crypto.pair_mask_seed(sec, self.sid, self.rnd, i, j), +1 if i < j else -1))
+        acc.remove_masks(seeds)
+        # Out-of-range sum: more than |u3| honest clients could produce means a client lied.
+        signed = to_signed(masks.reduce(acc.value.copy(), fmt.bits), fmt.bits)
+        limit = len(u3) * fmt.max_weight * fmt.clip * fmt.scale
+        if signed.size > 1 and float(np.max(np.abs(signed[:-1]))) > limit + len(u3):
+            raise RoundFailed("overflow: the unmasked sum is out of range (a client sent an out-of-range update)")
         try:
             wsum, total = decode_sum(acc.value, fmt, len(u3))
         except QuantizationOverflow as exc:
-            raise self.fail(f"overflow: {exc}") from exc
-        claimed = sum(0 if m.get("declined", 0) else int(m.get("num-examples", 1)) for m in metrics.values())
-        if total != claimed:
-            raise self.fail(f"integrity: unmasked total weight {total} != reported num-examples {claimed}")
-        arrays = self._apply(wsum, total)
-        return SecAggResult(
-            arrays=arrays, metrics=[metrics[i] for i in sorted(u3)],
-            dropped=sorted(set(self.nodes) - u3), error=None,
-            quantization_error=fmt.error_bound(len(u3), total), warnings=self.warnings,
-        )
-
-    def _recover(self, shares: list[bytes], what: str) -> bytes:
-        if len(shares) < self.t_local:
-            raise self.fail(f"unmask: {len(shares)} shares of the {what}, need {self.t_local}")
-        try:
-            return shamir.combine(shares, self.t_local)
-        except ValueError as exc:
-            raise self.fail(f"unmask: cannot recover the {what}: {exc}") from exc
+            raise RoundFailed(f"overflow: {exc}") from exc
+        return wsum, total, fmt, [metrics[i] for i in sorted(u3)], u3
 
     @staticmethod
-    def _masked_vector(content: RecordDict, length: int, fmt: RingFormat) -> np.ndarray | None:
+    def _masked_vector(content: RecordDict, length: int, fmt: RingFormat) -> np.ndarray:
         rec = content.array_records.get(MASKED_RECORD)
-        if rec is None or "masked" not in rec:
-            return None
+        if rec is None or list(rec.keys()) != ["masked"]:
+            raise _Bad("no masked vector")
         arr = rec["masked"]
         if tuple(arr.shape) != (length,):
-            return None
-        vec = arr.numpy()
-        return vec if vec.dtype == fmt.dtype and vec.shape == (length,) else None
+            raise _Bad("masked vector of the wrong shape")
+        try:
+            vec = arr.numpy()
+        except Exception as exc:  # noqa: BLE001 - any undecodable payload is the client's fault
+            raise _Bad(f"undecodable masked vector ({type(exc).__name__})") from exc
+        if vec.dtype != fmt.dtype or vec.shape != (length,):
+            raise _Bad("masked vector of the wrong shape or type")
+        return vec
 
-    def _apply(self, wsum: np.ndarray, total: int) -> ArrayRecord:
-        out: dict[str, Array] = {}
-        pos = 0
-        for key, arr in self.global_arrays.items():
-            g = arr.numpy()
-            size = int(np.prod(g.shape))
-            if total > 0:
-                new = g.astype(np.float64) + (wsum[pos : pos + size] / total).reshape(g.shape)
-                g = new.astype(g.dtype)
-            out[key] = Array(np.ascontiguousarray(g))
-            pos += size
-        return ArrayRecord(out)
+
+def apply_mean(global_arrays: ArrayRecord, wsum: np.ndarray, total: int) -> ArrayRecord:
+    """global + wsum / total, tensor by tensor, in the global's dtypes."""
+    out: dict[str, Array] = {}
+    pos = 0
+    for key, arr in global_arrays.items():
+        g = arr.numpy()
+        size = int(np.prod(g.shape))
+        if total > 0:
+            g = (g.astype(np.float64) + (wsum[pos: pos + size] / total).reshape(g.shape)).astype(g.dtype)
+        out[key] = Array(np.ascontiguousarray(g))
+        pos += size
+    return ArrayRecord(out)
 
 
 def secure_aggregate(
     grid: Grid, global_arrays: ArrayRecord, train_messages: list[Message], config: SecAggConfig
 ) -> SecAggResult:
-    """Run one secure FedAvg round: new global = global + weighted mean of client deltas.
+    """Run one secure round: arrays = global + weighted mean of the survivors' deltas.
 
-    Protocol failures (too few survivors, overflow, unrecoverable shares) return
+    Protocol failures (too few survivors, out-of-range sum, unrecoverable shares) return
     ``arrays=None`` with ``error`` set; the caller keeps the previous global.
     """
     nodes = sorted(int(m.metadata.dst_node_id) for m in train_messages)
@@ -416,7 +516,78 @@ def secure_aggregate(
         return SecAggResult(None, [], nodes, "secure aggregation needs at least 2 sampled clients")
     rnd = _Round(grid, global_arrays, train_messages, config)
     try:
-        return rnd.run()
+        wsum, total, fmt, metrics, u3 = rnd.run()
     except RoundFailed as exc:
         log.error("secure aggregation round failed: %s", exc)
+        rnd.abort()
         return SecAggResult(None, [], sorted(set(nodes) - rnd.alive), str(exc), warnings=rnd.warnings)
+    return SecAggResult(
+        arrays=apply_mean(global_arrays, wsum, total), metrics=metrics, dropped=sorted(set(nodes) - u3), error=None,
+        quantization_error=fmt.error_bound(len(u3), total), warnings=rnd.warnings, total_weight=total,
+    )
+
+
+class SecureAggregation(Strategy):
+    """Secure aggregation around any Flower strategy, like Flower's DP strategy wrappers.
+
+    The wrapped strategy samples the clients (``configure_train``) and turns the aggregate
+    into the next model (``aggregate_train``: FedAvg takes it, FedAdam/FedYogi/... take a
+    server-optimizer step from it). Secure aggregation only decides how the weighted sum is
+    computed: the wrapped strategy sees one reply carrying the weighted mean model and the
+    total weight, never a client's update. Use :meth:`train_round` from a custom loop, or
+    ``SecureAggregation(FedAdam(...)).start(grid, arrays, num_rounds)`` like any strategy.
+    """
+
+    def __init__(self, strategy: Strategy, config: SecAggConfig | None = None,
+                 weighted_by_key: str | None = None) -> None:
+        self.strategy = strategy
+        self.config = config or SecAggConfig()
+        self.weighted_by_key = weighted_by_key or getattr(strategy, "weighted_by_key", "num-examples")
+        self._pending: tuple | None = None
+        self.last_result: SecAggResult | None = None
+
+    def __getattr__(self, name):  # anything else is the wrapped strategy's
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def train_round(self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord):
+        """(new arrays or None, SecAggResult, what the wrapped aggregate_train returned)."""
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        result = secure_aggregate(grid, arrays, messages, self.config)
+        self.last_result = result
+        if result.error or result.arrays is None or result.total_weight <= 0:
+            return None, result, None
+        reply = Message(RecordDict({"arrays": result.arrays,
+                                    "metrics": MetricRecord({self.weighted_by_key: int(result.total_weight)})}),
+                        dst_node_id=0, message_type=MessageType.TRAIN, group_id=str(server_round))
+        aggregated = self.strategy.aggregate_train(server_round, [reply])
+        new_arrays = aggregated[0] if isinstance(aggregated, tuple) else aggregated
+        return new_arrays, result, aggregated
+
+    # Flower's Strategy interface, so Strategy.start() drives secure rounds: configure_train
+    # only remembers the round's inputs (the outer loop then sends nothing) and
+    # aggregate_train runs the whole secure round.
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self._pending = (grid, arrays, config)
+        return []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        if self._pending is None:
+            return None, None
+        grid, arrays, config = self._pending
+        self._pending = None
+        new_arrays, _, aggregated = self.train_round(grid, server_round, arrays, config)
+        if aggregated is None:
+            return None, None
+        return aggregated if isinstance(aggregated, tuple) else (new_arrays, None)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        log.info("\t├── Secure aggregation (SecAgg+, malicious-server hardened) around:")
+        self.strategy.summary()

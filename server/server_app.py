@@ -20,9 +20,10 @@ from server.checkpoint import latest_checkpoint, load_checkpoint_state, save_che
 from server.report import RunReport
 from server.strategy import FedLoraStrategy, with_client_id
 from shared.config import FedConfig
-from shared.data import encode, load_federation, num_partitions
+from shared.data import choose_max_length, encode, load_federation, num_partitions
 from shared.evaluation import evaluate
-from shared.lora import cached_model, load_trainable_state, trainable_state
+from shared.frozen_prefix import training_view
+from shared.lora import cached_model, load_trainable_state, model_key, trainable_state
 from shared.params import from_record, to_record
 
 app = ServerApp()
@@ -35,18 +36,20 @@ def main(grid: Grid, context: Context) -> None:
 
 def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_round: int, arrays: ArrayRecord):
     """One round of training: (new global or None, per-client metrics, failed count)."""
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(cfg.to_run_config()), grid))
     if not cfg.secure_agg:
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(cfg.to_run_config()), grid))
         return strategy.aggregate_train(server_round, grid.send_and_receive(messages))
-    from server.secure_aggregation import SecAggConfig, secure_aggregate
+    from server.secure_aggregation import SecAggConfig, SecureAggregation
 
-    result = secure_aggregate(grid, arrays, messages, SecAggConfig(
-        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None,
+    secure = SecureAggregation(strategy, SecAggConfig(
+        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None, timeout=cfg.secagg_timeout,
+        max_weight=cfg.secagg_max_weight,
     ))
+    new_arrays, result, _ = secure.train_round(grid, server_round, arrays, ConfigRecord(cfg.to_run_config()))
     metrics = [with_client_id(m, int(m.get("node-id", -1))) for m in result.metrics]
     if result.error:
         Console(stderr=True).print(f"[yellow]round {server_round}: secure aggregation failed ({result.error}); global adapter unchanged")
-    return result.arrays, metrics, len(result.dropped)
+    return new_arrays, metrics, len(result.dropped)
 
 
 def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> RunReport:
@@ -56,19 +59,26 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
         cfg = cfg.replace(labels=json.dumps(fed.labels))
     output = Path(cfg.output)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, cfg.max_length, "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test["text"], tokenizer, cfg, model), "test data")
+    # per-owner scores when the test rows name their owner (the partition column)
+    groups = None
+    if cfg.partition_by and cfg.partition_by in fed.test.columns and fed.test[cfg.partition_by].notna().all():
+        groups = fed.test[cfg.partition_by].astype(str).to_numpy()
 
     start = 1
-    report = RunReport(output, cfg.to_run_config())
+    report = RunReport(output, cfg.to_run_config(), labels=fed.labels)
     load_trainable_state(model, model.fedlora_initial_state)
     if cfg.resume:
         folder, done = latest_checkpoint(Path(cfg.resume))
         load_trainable_state(model, load_checkpoint_state(model, folder))
         report = RunReport.resume(output, cfg.to_run_config())
+        report.labels = fed.labels
         report.rounds = [r for r in report.rounds if r["round"] <= done]
         start = done + 1
         console.print(f"resuming from {folder} (round {done})")
     arrays = to_record(trainable_state(model))
+    # the frozen layers below the adapters run once over the test set, not every round
+    eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
 
     strategy = FedLoraStrategy(cfg, num_partitions(cfg) if not cfg.data or cfg.partition_by else cfg.num_clients)
     columns = (TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn())
@@ -80,11 +90,11 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
             if new_arrays is not None:
                 arrays = new_arrays
             load_trainable_state(model, from_record(arrays))
-            evaluation = evaluate(model, test, len(fed.labels))
+            evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups)
             save_checkpoint(model, output, server_round)
             row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0)
             eps = f"{row['epsilon_max']:.2f}" if row["epsilon_max"] is not None else "off"
-            progress.update(task, advance=1, status=f"acc {row['accuracy']:.3f}  eps_max {eps}  clients {row['clients_trained']}")
+            progress.update(task, advance=1, status=f"acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  eps {eps}")
     report.write()
     report.plot()
     report.print_table(console)

@@ -25,7 +25,8 @@ class FedConfig:
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
     lora_layers: int = 0  # adapt only the top N transformer layers (0: all); backward stops below them
-    max_length: int = 48
+    max_length: int = 0  # 0: from the data (95th percentile of token counts, bucketed); N: exactly N tokens
+    max_length_cap: int = 256  # the longest length the data-driven choice may pick (time and memory budget)
     # data
     data: str = ""  # empty: the synthetic marketing federation
     test_data: str = ""
@@ -34,6 +35,7 @@ class FedConfig:
     partition_by: str = "brand"  # natural partitioning: one client per value; empty: use `partition`
     partition: str = "iid"  # "iid" or "dirichlet:ALPHA" when partition_by is empty
     labels: str = ""  # JSON list of the global label names; derived from the data when empty
+    min_client_examples: int = 20  # simulation: owners with fewer rows are left out (and counted)
     brands: int = 6  # synthetic data only: one data owner per brand
     examples_per_brand: int = 800  # synthetic data only
     test_size: int = 800  # synthetic data only
@@ -43,19 +45,24 @@ class FedConfig:
     rounds: int = 8
     local_epochs: int = 1
     batch_size: int = 128  # expected (Poisson) batch size under DP
-    lr: float = 0.03  # Adam, LoRA adapter tensors
-    head_lr: float = 0.2  # Adam, task head
+    optimizer: str = "adam"  # "adam" for both; "mixed": SGD+momentum on the head, Adam on the adapter; "sgd" for both
+    lr: float = 0.03  # LoRA adapter tensors
+    head_lr: float = 0.2  # task head
     seed: int = 0
     # privacy
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 0.3
+    clipping: str = "flat"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
     # secure aggregation
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
     secagg_neighbours: int = 0  # 0: protocol default
+    secagg_timeout: float = 300.0  # seconds each secure-aggregation stage waits for replies
+    secagg_max_weight: int = 16384  # cap on one client's weight (examples) in the masked sum; 1: equal weights
     # outputs and resources
+    local_baseline: bool = False  # simulation: also train each owner alone at the same budget, to compare
     output: str = "runs/latest"
     resume: str = ""
     client_cpus: float = 1.0
@@ -67,6 +74,10 @@ class FedConfig:
     def validate(self) -> None:
         if self.lora not in ("ffa", "plain"):
             raise FedLoraError(f"--lora must be 'ffa' or 'plain', got {self.lora!r}")
+        if self.optimizer not in ("mixed", "sgd", "adam"):
+            raise FedLoraError(f"--optimizer must be 'mixed', 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.clipping not in ("split", "flat"):
+            raise FedLoraError(f"--clipping must be 'split' or 'flat', got {self.clipping!r}")
         if self.partition != "iid" and not self.partition.startswith("dirichlet:"):
             raise FedLoraError(f"--partition must be 'iid' or 'dirichlet:ALPHA', got {self.partition!r}")
         if self.partition.startswith("dirichlet:"):
@@ -91,8 +102,12 @@ class FedConfig:
             raise FedLoraError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}")
         if not self.max_grad_norm > 0:
             raise FedLoraError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
+        if self.max_length < 0 or self.max_length_cap < 8:
+            raise FedLoraError("--max-length must be 0 (from the data) or positive, --max-length-cap at least 8")
         if self.batch_size < 1:
             raise FedLoraError("--batch-size must be at least 1")
+        if self.secagg_max_weight < 1 or not self.secagg_timeout > 0:
+            raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout positive")
 
     @property
     def dirichlet_alpha(self) -> float | None:

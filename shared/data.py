@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
+import datasets
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 from torch.utils.data import TensorDataset
@@ -24,6 +26,8 @@ from shared.config import FedConfig
 from shared.errors import FedLoraError
 
 SYNTHETIC_LABELS = ["negative", "positive"]
+
+datasets.disable_progress_bars()  # partitioning is instant; bars would only clutter the run's output
 
 # --- synthetic federation -------------------------------------------------------------
 
@@ -209,12 +213,15 @@ def load_federation(cfg: FedConfig) -> FederatedData:
     return _load(_data_key(cfg))
 
 
-def num_partitions(cfg: FedConfig) -> int:
-    if cfg.partition_by:
-        train = load_federation(cfg).train
-        check_columns(train, cfg.data or "synthetic data", cfg.partition_by)
-        return int(train[cfg.partition_by].nunique())
-    return cfg.num_clients
+@dataclass
+class Partitioning:
+    """The virtual clients of a simulation: which underlying partitions are kept, and why not the rest."""
+
+    partitioner: object
+    kept: list[int]  # underlying partition id of each virtual client
+    names: list[str]  # an owner's name (its natural id), or "partition-N"
+    sizes: list[int]
+    notes: list[str]  # what was dropped and why, for the person running the simulation
 
 
 def _partitioner(cfg: FedConfig):
@@ -229,28 +236,101 @@ def _partitioner(cfg: FedConfig):
 
 
 @lru_cache(maxsize=4)
-def _partitioner_for(cfg_key: str, part_key: str):
+def _partitioning(cfg_key: str, part_key: str) -> Partitioning:
     cfg = FedConfig.from_run_config(json.loads(cfg_key) | json.loads(part_key))
     train = load_federation(cfg).train
+    notes = []
     if cfg.partition_by:
-        check_columns(train, cfg.data or "synthetic data", cfg.partition_by)
+        source = cfg.data or "synthetic data"
+        check_columns(train, source, cfg.partition_by)
+        column = train[cfg.partition_by]
+        missing = column.isna() | (column.astype(str).str.strip() == "")
+        if missing.all():
+            raise FedLoraError(f"column {cfg.partition_by!r} in {source} has no values to partition by")
+        if missing.any():
+            notes.append(f"{int(missing.sum())} rows without a {cfg.partition_by!r} value were left out")
+            train = train[~missing]
+    table = train.astype({c: str for c in train.columns if c != "label"}).reset_index(drop=True)
     partitioner = _partitioner(cfg)
-    partitioner.dataset = Dataset.from_pandas(train.astype({c: str for c in train.columns if c != "label"}), preserve_index=False)
-    return partitioner
+    partitioner.dataset = Dataset.from_pandas(table, preserve_index=False)
+    if cfg.partition_by:
+        names = [str(partitioner.partition_id_to_natural_id[i]) for i in range(partitioner.num_partitions)]
+        counts = table[cfg.partition_by].value_counts()
+        sizes = [int(counts[n]) for n in names]
+    else:
+        names = [f"partition-{i}" for i in range(partitioner.num_partitions)]
+        sizes = []
+        for i in range(partitioner.num_partitions):
+            try:
+                sizes.append(len(partitioner.load_partition(i)))
+            except (IndexError, ValueError):  # flwr-datasets cannot cut more partitions than rows
+                sizes.append(0)
+    kept = [i for i, n in enumerate(sizes) if n >= max(1, cfg.min_client_examples)]
+    dropped = [i for i in range(len(sizes)) if i not in kept]
+    if dropped:
+        notes.append(f"{len(dropped)} of {len(sizes)} owners with fewer than {cfg.min_client_examples} rows "
+                     f"({sum(sizes[i] for i in dropped)} rows) were left out (--min-client-examples)")
+    if not kept:
+        raise FedLoraError(f"no partition has at least {cfg.min_client_examples} rows: lower --min-client-examples, "
+                           "use fewer clients or a larger Dirichlet alpha")
+    return Partitioning(partitioner, kept, [names[i] for i in kept], [sizes[i] for i in kept], notes)
+
+
+def partitioning(cfg: FedConfig) -> Partitioning:
+    key = json.dumps({"partition_by": cfg.partition_by, "partition": cfg.partition, "num_clients": cfg.num_clients,
+                      "min_client_examples": cfg.min_client_examples}, sort_keys=True)
+    return _partitioning(_data_key(cfg), key)
+
+
+def num_partitions(cfg: FedConfig) -> int:
+    """Virtual clients of a simulation; in deployment (no training data here) the configured count."""
+    if load_federation(cfg).train.empty:
+        return cfg.num_clients
+    return len(partitioning(cfg).kept)
 
 
 def client_partition(cfg: FedConfig, partition_id: int) -> pd.DataFrame:
-    key = json.dumps({"partition_by": cfg.partition_by, "partition": cfg.partition, "num_clients": cfg.num_clients}, sort_keys=True)
-    partitioner = _partitioner_for(_data_key(cfg), key)
-    if not 0 <= partition_id < partitioner.num_partitions:
-        raise FedLoraError(f"partition {partition_id} does not exist ({partitioner.num_partitions} partitions)")
-    try:
-        part = partitioner.load_partition(partition_id).to_pandas()
-    except (IndexError, ValueError):  # flwr-datasets cannot cut more partitions than rows
-        part = pd.DataFrame()
+    parts = partitioning(cfg)
+    if not 0 <= partition_id < len(parts.kept):
+        raise FedLoraError(f"partition {partition_id} does not exist ({len(parts.kept)} partitions)")
+    part = parts.partitioner.load_partition(parts.kept[partition_id]).to_pandas()
     if part.empty:
         raise FedLoraError(f"partition {partition_id} is empty: use fewer clients or a larger Dirichlet alpha")
     return part
+
+
+# --- tokens --------------------------------------------------------------------------
+
+LENGTH_BUCKETS = (32, 64, 128, 256, 512)
+
+
+def model_length_limit(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
+    """The longest input the model takes: its position table or the tokenizer's limit."""
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None),
+                          getattr(getattr(model, "config", None), "max_position_embeddings", None))
+              if isinstance(n, int) and 0 < n < 1_000_000]
+    return min(limits) if limits else 512
+
+
+def choose_max_length(texts, tokenizer: PreTrainedTokenizerBase, cfg: FedConfig, model=None) -> int:
+    """Token length for this data: `--max-length` when set, else from the data itself.
+
+    The 95th percentile of the texts' token counts, rounded up to a coarse bucket
+    (32, 64, 128, 256, 512) so the choice reveals little about any one text, and capped
+    by `--max-length-cap` (a time and memory budget: attention cost grows with the square
+    of the length) and the model's own limit. Rows are still trimmed to their batch's
+    longest text, so a generous bucket costs nothing on short texts.
+    """
+    limit = model_length_limit(tokenizer, model)
+    if cfg.max_length > 0:
+        return min(cfg.max_length, limit)
+    texts = [str(t) for t in texts]
+    if not texts:
+        return min(LENGTH_BUCKETS[0], limit)
+    counts = np.fromiter((len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]), dtype=int)
+    wanted = float(np.percentile(counts, 95))
+    bucket = next((b for b in LENGTH_BUCKETS if b >= wanted), LENGTH_BUCKETS[-1])
+    return max(8, min(bucket, cfg.max_length_cap, limit))
 
 
 def encode(df: pd.DataFrame, labels: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "data") -> TensorDataset:

@@ -74,6 +74,14 @@ def _cached(key: tuple) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
+_MODEL_KEYS = ("model", "lora", "lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed")
+
+
+def model_key(cfg: FedConfig) -> str:
+    """The settings that define the frozen weights and the adapter layout."""
+    return "|".join(f"{k}={getattr(cfg, k)}" for k in _MODEL_KEYS)
+
+
 def cached_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """One base model per process, reused by every virtual client it serves.
 
@@ -81,8 +89,7 @@ def cached_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrained
     before training; only the model-defining settings key the cache. The freshly
     initialised adapter stays available as `model.fedlora_initial_state`.
     """
-    keys = ("model", "lora", "lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed")
-    return _cached((tuple((k, getattr(cfg, k)) for k in keys), num_labels))
+    return _cached((tuple((k, getattr(cfg, k)) for k in _MODEL_KEYS), num_labels))
 
 
 def trainable_state(model: PeftModel) -> dict[str, np.ndarray]:

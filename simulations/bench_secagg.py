@@ -1,12 +1,14 @@
-"""Benchmark: secure aggregation vs plain FedAvg, and our masks vs flwr's ``pseudo_rand_gen``.
+"""Benchmark: secure aggregation vs plain FedAvg vs flwr's SecAgg+, all measured in one run.
 
 Runs the real server workflow (``server.secure_aggregation``) against the real client mod
 (``client.secagg_mod``) through :class:`InProcessGrid`, a Grid whose ``send_and_receive``
 hands each message to the destination node's mod with that node's own Context. The local
-"training" is a stub that returns global + a fixed random delta, so the table isolates the
-aggregation cost: the ratio is the worst case (real training makes it approach 1).
+"training" of the micro-benchmark is a stub that returns global + a fixed random delta, so its
+table isolates the aggregation cost: the ratio is the worst case. The second table runs real
+rounds: the app's own ClientApp ``train`` (tiny-bert, local data partitions) behind plain
+FedAvg, this protocol and flwr's SecAgg+ (flwr's ``secaggplus_mod`` + ``SecAggPlusWorkflow``).
 
-    python -m simulations.bench_secagg [--params 150000] [--clients 10 50 100]
+    python -m simulations.bench_secagg [--params 150000] [--clients 10 50 100] [--real-clients 10 50 100]
 """
 
 from __future__ import annotations
@@ -15,19 +17,24 @@ import argparse
 import copy
 import math
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.secagg_mod import secagg_mod
-from server.secure_aggregation import SecAggConfig, resolve_neighbours, secure_aggregate
+from server.secure_aggregation import SecAggConfig, secure_aggregate
+from shared.secagg.protocol import resolve_k
 from shared.secagg import masks
+from shared.secagg.identity import make_simulation_keys
 from shared.secagg.protocol import RECORD
 
 
@@ -55,8 +62,14 @@ class InProcessGrid(Grid):
         ensure_task_identity()
         self.trains = trains
         self.mod = mod
-        self.contexts = {nid: Context(1, nid, {}, RecordDict(), {}) for nid in trains}
+        self.key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
+        roster = make_simulation_keys(self.key_dir, [f"node-{nid}" for nid in trains])
+        self.contexts = {nid: Context(1, nid, {"secagg-key": str(self.key_dir / f"node-{nid}"),
+                                               "secagg-roster": str(roster)}, RecordDict(), {}) for nid in trains}
+        self.roster_dir = roster
         self.drop: Callable[[str | None, int], bool] = lambda stage, nid: False
+        self.dead: set[int] = set()
+        """Nodes the SuperLink reports unavailable (an error reply from the SuperLink, node 1)."""
         self.on_deliver: Callable[[Message], Message] = lambda m: m
         self.on_reply: Callable[[Message], Message] = lambda m: m
         self.replies: list[Message] = []
@@ -88,6 +101,11 @@ class InProcessGrid(Grid):
             nid = msg.metadata.dst_node_id
             rec = msg.content.config_records.get(RECORD) if msg.has_content() else None
             stage = rec.get("stage") if rec is not None else None
+            if nid in self.dead:
+                err = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
+                err.metadata.__dict__["_src_node_id"] = 1
+                out.append(err)
+                continue
             if nid not in self.trains or self.drop(stage, nid):
                 continue
             # A private copy, as after real serialisation: flwr's mod mutates records in place.
@@ -182,12 +200,6 @@ def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> fl
     import flwr.compat.common.recorddict_compat as compat
     from flwr.client.mod import secaggplus_mod
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WKey
 
     g = adapter(n_params, rng)
     deltas = [(rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for a in g.values()]
@@ -203,22 +215,7 @@ def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> fl
         return train
 
     grid = InProcessGrid({nid: make(nid) for nid in nodes}, mod=secaggplus_mod)
-    cm = SimpleClientManager()
-    for nid in nodes:
-        cm.register(GridClientProxy(nid, grid, 1))
-    ctx = LegacyContext(Context(1, 1, {}, RecordDict(), {}),
-                        strategy=FedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n),
-                        client_manager=cm)
-    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
-    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([a.numpy() for a in g.values()]), keep_input=True)
-    shares = resolve_neighbours(None, n) + 1
-    shares += 1 - shares % 2
-    wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
-                            reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
-    t0 = time.perf_counter()
-    wf(grid, ctx)
-    return time.perf_counter() - t0
+    return _time_flwr_secaggplus(grid, nodes, g)
 
 
 def mask_throughput(n_params: int, reps: int = 5) -> tuple[float, float]:
@@ -241,7 +238,7 @@ def flwr_mask_cost(n: int, n_params: int) -> float:
     server regenerating n self masks, all via ``pseudo_rand_gen`` (k as in our round)."""
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 
-    k = resolve_neighbours(None, n)
+    k = resolve_k(n, None)
     shape = [(n_params,)]
     t0 = time.perf_counter()
     for _ in range(n * (k + 1) + n):
@@ -250,12 +247,131 @@ def flwr_mask_cost(n: int, n_params: int) -> float:
 
 
 def ours_mask_cost(n: int, n_params: int) -> float:
-    k = resolve_neighbours(None, n)
+    k = resolve_k(n, None)
     acc = np.zeros(n_params + 1, dtype=np.uint64)
     t0 = time.perf_counter()
     for _ in range(n * (k + 1) + n):
         masks.add_mask(acc, os.urandom(32), 64)
     return time.perf_counter() - t0
+
+
+# --- real training rounds ------------------------------------------------------------------------
+
+def _real_setup(n: int, examples: int, dp: bool = False):
+    """tiny-bert, one synthetic brand per client, the app's own ClientApp ``train``.
+
+    DP is off by default: Opacus' noise calibration costs seconds per client, which would hide
+    the aggregation overhead and make the ratio trivially ~1 (``--real-dp`` turns it on)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from shared.config import FedConfig
+    from shared.lora import cached_model, load_trainable_state, trainable_state
+    from shared.data import load_federation
+    from shared.params import to_record
+
+    out = tempfile.mkdtemp(prefix="fedlora-bench-")
+    cfg = FedConfig(model="tiny-bert", brands=n, num_clients=n, examples_per_brand=examples, test_size=n,
+                    rounds=1, batch_size=16, lr=5e-3, max_length=32, output=out, delta=1e-3, dp=dp)
+    fed = load_federation(cfg)
+    cfg = cfg.replace(labels=__import__("json").dumps(fed.labels))
+    model, _ = cached_model(cfg, len(fed.labels))
+    load_trainable_state(model, model.fedlora_initial_state)
+    return cfg, to_record(trainable_state(model))
+
+
+def _real_contexts(grid: "InProcessGrid", nodes: list[int]) -> None:
+    for pid, nid in enumerate(nodes):
+        grid.contexts[nid].node_config["partition-id"] = pid
+
+
+def real_round(n: int, variant: str, examples: int, dp: bool = False) -> float:
+    """One round of real local training at n clients: plain FedAvg, ours, or flwr's SecAgg+."""
+    from client.client_app import train as client_train
+
+    cfg, g = _real_setup(n, examples, dp)
+    nodes = list(range(100, 100 + n))
+    run_cfg = {**cfg.to_run_config(), "server-round": 1}
+    if variant == "flwr":
+        return _flwr_real_round(n, nodes, g, run_cfg, client_train)
+    grid = InProcessGrid({nid: client_train for nid in nodes})
+    _real_contexts(grid, nodes)
+    msgs = [Message(RecordDict({"arrays": g, "config": ConfigRecord(run_cfg)}), dst_node_id=nid,
+                    message_type=MessageType.TRAIN, group_id="1") for nid in nodes]
+    t0 = time.perf_counter()
+    if variant == "ours":
+        res = secure_aggregate(grid, g, msgs, SecAggConfig())
+        assert res.error is None, res.error
+    else:
+        replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
+        from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+        aggregate_arrayrecords([r.content for r in replies], "num-examples")
+    return time.perf_counter() - t0
+
+
+def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    keys = list(g.keys())
+
+    def train(msg: Message, context: Context) -> Message:
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        arrays = ArrayRecord({k: Array(a) for k, a in zip(keys, parameters_to_ndarrays(fitins.parameters))})
+        inner = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(run_cfg)}),
+                        dst_node_id=context.node_id, message_type=MessageType.TRAIN, group_id="1")
+        reply = client_train(inner, context)
+        out = [reply.content["arrays"][k].numpy() for k in keys]
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(out), int(reply.content["metrics"]["num-examples"]), {})
+        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+
+    grid = InProcessGrid({nid: train for nid in nodes}, mod=secaggplus_mod)
+    _real_contexts(grid, nodes)
+    return _time_flwr_secaggplus(grid, nodes, g)
+
+
+def _time_flwr_secaggplus(grid, nodes: list[int], g) -> float:
+    """One round of Flower's own SecAgg+ workflow over `grid`, with shares sized like ours."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WKey
+
+    n = len(nodes)
+    cm = SimpleClientManager()
+    for nid in nodes:
+        cm.register(GridClientProxy(nid, grid, 1))
+    ctx = LegacyContext(Context(1, 1, {}, RecordDict(), {}),
+                        strategy=FedAvg(fraction_fit=1.0, min_fit_clients=n, min_available_clients=n),
+                        client_manager=cm)
+    ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WKey.CURRENT_ROUND: 1})
+    ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
+        ndarrays_to_parameters([a.numpy() for a in g.values()]), keep_input=True)
+    shares = resolve_k(n, None) + 1
+    shares += 1 - shares % 2
+    wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
+                            reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
+    t0 = time.perf_counter()
+    wf(grid, ctx)
+    return time.perf_counter() - t0
+
+
+def main_real(clients: list[int], examples: int, skip_flwr: bool, dp: bool = False, reps: int = 1) -> None:
+    print(f"\nreal training rounds (tiny-bert, {'DP-SGD' if dp else 'no DP'}, {examples} examples per client, "
+          f"best of {reps}; ratios against plain FedAvg measured in this run)")
+    print(f"{'clients':>7} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'flwr s':>8} {'ratio':>6}")
+    for n in clients:
+        real_round(min(n, 4), "plain", examples, dp)  # warm the model cache and imports
+        plain = ours = flwr_t = math.inf
+        for _ in range(reps):  # interleaved, so load from other processes hits all variants alike
+            plain = min(plain, real_round(n, "plain", examples, dp))
+            ours = min(ours, real_round(n, "ours", examples, dp))
+            flwr_t = math.nan if skip_flwr else min(flwr_t, real_round(n, "flwr", examples, dp))
+        print(f"{n:>7} {plain:>8.2f} {ours:>8.2f} {ours / plain:>6.2f} {flwr_t:>8.2f} {flwr_t / plain:>6.2f}",
+              flush=True)
 
 
 def main() -> None:
@@ -265,6 +381,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
     ap.add_argument("--large-clients", type=int, nargs="+", default=[10, 50])
     ap.add_argument("--skip-flwr", action="store_true", help="skip flwr's full SecAgg+ round")
+    ap.add_argument("--real-clients", type=int, nargs="*", default=[10, 50, 100],
+                    help="client counts for the real-training rounds (none: skip them)")
+    ap.add_argument("--real-examples", type=int, default=32, help="examples per client in the real rounds")
+    ap.add_argument("--micro-reps", type=int, default=3, help="micro-benchmark repetitions (best of)")
+    ap.add_argument("--real-reps", type=int, default=2, help="real-round repetitions (best of)")
+    ap.add_argument("--real-dp", action="store_true", help="DP-SGD in the real rounds (slow noise calibration)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
@@ -272,17 +394,23 @@ def main() -> None:
           f"{'flwr s':>8} {'ratio':>6} {'ours client s/node':>18} {'ours server s':>13} "
           f"{'ours masks s':>12} {'flwr masks s':>12}")
     for n, p in rows:
-        plain, _ = _round(n, p, False, rng)
-        sec, client = _round(n, p, True, rng)
-        flwr_full = flwr_secaggplus_round(n, p, rng) if not args.skip_flwr else math.nan
+        plain = sec = flwr_full = math.inf
+        for _ in range(args.micro_reps):  # interleaved, so load from other processes hits all alike
+            plain = min(plain, _round(n, p, False, rng)[0])
+            t, c = _round(n, p, True, rng)
+            if t < sec:
+                sec, client = t, c
+            flwr_full = math.nan if args.skip_flwr else min(flwr_full, flwr_secaggplus_round(n, p, rng))
         ours_m = ours_mask_cost(n, p)
         flwr_m = flwr_mask_cost(n, p)
-        print(f"{n:>7} {p:>9} {resolve_neighbours(None, n):>3} {plain:>8.3f} {sec:>8.3f} {sec / plain:>6.2f} "
+        print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {plain:>8.3f} {sec:>8.3f} {sec / plain:>6.2f} "
               f"{flwr_full:>8.3f} {flwr_full / plain:>6.2f} {client / n:>18.4f} {sec - client:>13.3f} "
               f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
     ours, theirs = mask_throughput(args.params)
-    print(f"\nmask generation throughput ({args.params} uint64 elements): ours ChaCha20 {ours:,.0f} MB/s, "
+    print(f"\nmask generation throughput ({args.params} uint64 elements): ours AES-256-CTR {ours:,.0f} MB/s, "
           f"flwr pseudo_rand_gen {theirs:,.0f} MB/s ({ours / theirs:.1f}x)")
+    if args.real_clients:
+        main_real(args.real_clients, args.real_examples, args.skip_flwr, args.real_dp, args.real_reps)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -12,22 +15,46 @@ from rich.console import Console
 
 from client.client_app import app as client_app
 from shared.config import FedConfig
+from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
 from client.privacy import plan_privacy
-from shared.data import client_partition, load_federation, num_partitions
+from shared.data import choose_max_length, client_partition, load_federation, partitioning
+from shared.errors import FedLoraError
 from shared.lora import cached_model
 
 
-def preflight(cfg: FedConfig) -> int:
+def preflight(cfg: FedConfig, console: Console | None = None) -> int:
     """Check everything a client would trip on, here, before Ray starts: bad files and
-    columns, empty partitions, partitions too small for DP, unmeetable budgets, unknown
-    models. Returns the number of virtual clients."""
+    columns, unmeetable budgets, unknown models; say what the data-driven choices were
+    (owners left out, token length, small owners' batches). Returns the number of
+    virtual clients."""
+    console = console or Console(stderr=True)
     fed = load_federation(cfg)
-    num_nodes = num_partitions(cfg)
-    sizes = [len(client_partition(cfg, pid)) for pid in range(num_nodes)]
+    parts = partitioning(cfg)
+    for note in parts.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    model, tokenizer = cached_model(cfg, len(fed.labels))
+    lengths = [choose_max_length(client_partition(cfg, pid)["text"], tokenizer, cfg, model) for pid in range(len(parts.kept))]
+    how = "--max-length" if cfg.max_length else f"95th percentile of each owner's token counts, cap {cfg.max_length_cap}"
+    console.print(f"{len(parts.kept)} owners, {min(parts.sizes)} to {max(parts.sizes)} rows; "
+                  f"max length {min(lengths)}-{max(lengths)} tokens ({how})")
     if cfg.dp:
-        plan_privacy(cfg, min(sizes))
-    cached_model(cfg, len(fed.labels))
-    return num_nodes
+        refused, small = [], []
+        for name, size in zip(parts.names, parts.sizes):
+            try:
+                plan = plan_privacy(cfg, size)
+            except FedLoraError as exc:
+                refused.append((name, str(exc)))
+                continue
+            if plan.batch_size < cfg.batch_size:
+                small.append(f"{name} ({size} rows: batch {plan.batch_size})")
+        if small:
+            console.print(f"small owners train at their own sampling rate: {', '.join(small[:6])}"
+                          + (f" and {len(small) - 6} more" if len(small) > 6 else ""))
+        for name, reason in refused[:3]:
+            console.print(f"[yellow]note:[/] owner {name} will decline every round: {reason}")
+        if len(refused) == len(parts.names):
+            raise FedLoraError(f"no owner can train under DP: {refused[0][1]}")
+    return len(parts.kept)
 
 
 def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = False) -> dict:
@@ -37,7 +64,7 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
     from server.server_app import run_server
 
     console = console or Console()
-    num_nodes = preflight(cfg)
+    num_nodes = preflight(cfg, console)
     reports, failures = [], []
 
     server_app = ServerApp()
@@ -60,12 +87,44 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
         "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
         "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
     }
-    run_simulation(
-        server_app=server_app, client_app=client_app,
-        num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
-    )
+    # One signing key per virtual client; their public keys are the registered roster. The
+    # folder is named in the environment (Ray workers inherit it) for this run only.
+    previous = os.environ.get(ENV_SIM_DIR)
+    key_dir = tempfile.mkdtemp(prefix="fedlora-secagg-") if cfg.secure_agg else None
+    if key_dir:
+        make_simulation_keys(Path(key_dir), [f"partition-{pid}" for pid in range(num_nodes)])
+        os.environ[ENV_SIM_DIR] = key_dir
+    try:
+        run_simulation(
+            server_app=server_app, client_app=client_app,
+            num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
+        )
+    finally:
+        if key_dir:
+            if previous is None:
+                os.environ.pop(ENV_SIM_DIR, None)
+            else:
+                os.environ[ENV_SIM_DIR] = previous
+            shutil.rmtree(key_dir, ignore_errors=True)
     if failures:
         raise failures[0]
     if not reports:
         raise RuntimeError("the simulation ended before the server finished; rerun with --verbose for Flower's logs")
-    return reports[0].summary()
+    report = reports[0]
+    if cfg.local_baseline:
+        add_local_baselines(report, cfg, console)
+    return report.summary()
+
+
+def add_local_baselines(report, cfg: FedConfig, console: Console) -> None:
+    """Each owner alone at the same budget, next to the federated model's score on its rows."""
+    from simulations.local_only import local_only, print_owner_table
+
+    console.rule("local-only baselines")
+    final = {k: report.rounds[-1][k] for k in ("accuracy", "macro_f1")} if report.rounds else None
+    for name, entry in local_only(cfg, console).items():
+        owner = report.owners.setdefault(name, {})
+        owner.update(entry)
+        owner.setdefault("federated", final)  # test rows not split by owner: the whole test set
+    report.write()
+    print_owner_table(report.owners, console)

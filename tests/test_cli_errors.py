@@ -18,6 +18,7 @@ def files(tmp_path_factory):
     test.to_csv(d / "test.csv", index=False)
     test.assign(label="neutral").to_csv(d / "test_unknown.csv", index=False)
     train.head(20).to_csv(d / "small.csv", index=False)
+    train.assign(store=float("nan")).to_csv(d / "train.csv", index=False)
     pd.DataFrame(columns=["text", "label"]).to_csv(d / "empty.csv", index=False)
     return d
 
@@ -26,8 +27,8 @@ CASES = {
     "missing file": (["--data", "{d}/nope.csv"], "data file not found"),
     "missing column": (["--data", "{d}/train.csv", "--text-column", "review"], "column 'review' not in"),
     "empty file": (["--data", "{d}/empty.csv"], "data file is empty"),
-    "empty partition": (["--data", "{d}/small.csv", "--num-clients", "40"], "is empty"),
-    "too few examples for DP batch": (["--data", "{d}/train.csv", "--num-clients", "3", "--batch-size", "64"], "fewer than the DP batch size"),
+    "empty partitions": (["--data", "{d}/small.csv", "--num-clients", "40"], "no partition has at least 20 rows"),
+    "partition column without values": (["--data", "{d}/train.csv", "--partition-by", "store"], "column 'store' in"),
     "unknown model": (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     "test labels unseen in training": (["--data", "{d}/train.csv", "--test-data", "{d}/test_unknown.csv"], "labels the training data lacks: neutral"),
     "unmeetable epsilon": (["--data", "{d}/train.csv", "--num-clients", "2", "--batch-size", "8", "--target-epsilon", "0.001"], "epsilon target cannot be met"),

@@ -109,11 +109,12 @@ def test_three_owners_two_rounds_tls_node_auth_secagg_dp(federation):
 
     common = ["--superlink", address, "--text-column", "text", "--label-column", "label"]
     for i in (1, 2, 3):
-        procs.start(f"owner{i}", "client", *common, "--root-cert", ca, "--node-key",
+        procs.start(f"owner{i}", "client", *common, "--root-cert", ca, "--roster", str(allowed), "--node-key",
                     str(certs / "supernodes" / f"client-{i}"), "--data", str(tmp / f"owner{i}.csv"),
                     "--ledger", str(tmp / f"ledger{i}.json"), "--target-epsilon", "6.0" if i == 3 else "8.0")
     # a registered node whose file is malformed (validation skipped to reach the ClientApp)
-    procs.start("owner4", "client", *common, "--root-cert", ca, "--node-key", str(certs / "supernodes" / "client-4"),
+    procs.start("owner4", "client", *common, "--root-cert", ca, "--roster", str(allowed), "--node-key",
+                str(certs / "supernodes" / "client-4"),
                 "--data", str(tmp / "owner4.csv"), "--ledger", str(tmp / "ledger4.json"), "--no-validate")
     # a node whose key is not on the allow-list, and one that does not trust the server's CA
     procs.start("intruder", "client", *common, "--root-cert", ca, "--node-key", str(certs / "supernodes" / "client-5"),
@@ -200,7 +201,7 @@ def start_federation_server(tmp: Path, certs: Path, allowed: Path, procs: Procs)
 
 
 def start_owner(procs: Procs, name: str, tmp: Path, certs: Path, address: str, i: int, *flags: str, **extra: str) -> None:
-    args = ["client", "--superlink", address, "--root-cert", str(certs / "ca.crt"), "--node-key",
+    args = ["client", "--superlink", address, "--root-cert", str(certs / "ca.crt"), "--roster", str(certs / "supernodes"), "--node-key",
             str(certs / "supernodes" / f"client-{i}"), "--data", str(tmp / f"owner{i}.csv"),
             "--ledger", str(tmp / f"ledger{i}.json"), "--home", str(tmp / f"agent{i}"), *flags]
     for k, v in extra.items():
@@ -325,14 +326,14 @@ def reproduce_first_round(config: dict, csv: Path):
     from client.local_data import client_frame
     from client.trainer import train_local
     from shared.config import FedConfig
-    from shared.data import encode
+    from shared.data import choose_max_length, encode
     from shared.lora import cached_model, load_trainable_state, trainable_state
 
     cfg = FedConfig.from_run_config(config)
     assert not cfg.dp
     frame, source = client_frame(cfg, {"data-path": str(csv), "text-column": "text", "label-column": "label"})
     model, tokenizer = cached_model(cfg, len(cfg.label_names))
-    dataset = encode(frame, cfg.label_names, tokenizer, cfg.max_length, source)
+    dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model), source)
     start = {k: v.copy() for k, v in model.fedlora_initial_state.items()}  # round 1's global adapter
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the agent (--num-threads 1)

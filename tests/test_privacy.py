@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from client.client_app import LEDGER_KEY, train
 from client.policy import DeclineCode
-from client.privacy import PrivacyLedger, plan_privacy
+from client.privacy import ALPHAS, PrivacyLedger, plan_privacy
 from client.trainer import train_local
 from shared.data import SYNTHETIC_LABELS, client_partition, encode
 from shared.errors import FedLoraError
@@ -36,7 +36,7 @@ def test_epsilon_after_two_rounds_is_the_accountants_epsilon_for_the_combined_hi
     reference = RDPAccountant()
     for _ in range(2 * plan.steps_per_round):
         reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-    assert eps2 == pytest.approx(reference.get_epsilon(tiny_cfg.delta), rel=1e-9)
+    assert eps2 == pytest.approx(reference.get_epsilon(tiny_cfg.delta, alphas=ALPHAS), rel=1e-9)
     assert eps2 > eps1 > 0
     assert eps2 <= tiny_cfg.target_epsilon * (1 + 1e-6)  # calibrated over all planned rounds
     assert ledger.rounds_trained == [1, 2]
@@ -105,9 +105,28 @@ def test_dp_step_changes_adapter_weights_and_leaves_no_hooks(tiny_cfg):
             assert torch.equal(p, base_before[n]), f"frozen base tensor {n} moved"
 
 
+def test_a_20_row_owner_trains_with_dp_at_its_own_sampling_rate(tiny_cfg):
+    """Fewer rows than the run's batch: a smaller Poisson batch, accounted at its own rate."""
+    cfg = tiny_cfg.replace(batch_size=128)
+    model, ds = _dataset(cfg)
+    small = torch.utils.data.TensorDataset(*(t[:20] for t in ds.tensors))
+    plan = plan_privacy(cfg, len(small))
+    assert plan.batch_size == 5 and plan.sample_rate == pytest.approx(0.25)
+    before = {k: v.copy() for k, v in trainable_state(model).items()}
+    ledger = PrivacyLedger(cfg.delta, cfg.target_epsilon)
+    train_local(model, small, cfg, ledger, plan, server_round=1)
+    after = trainable_state(model)
+    assert any(not (before[k] == after[k]).all() for k in before if "lora_B" in k), "adapter did not move"
+    reference = RDPAccountant()
+    for _ in range(plan.steps_per_round):
+        reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=0.25)
+    assert ledger.epsilon() == pytest.approx(reference.get_epsilon(cfg.delta, alphas=ALPHAS), rel=1e-9)
+    assert 0 < ledger.epsilon() <= cfg.target_epsilon
+
+
 def test_bad_privacy_requests_are_refused(tiny_cfg):
-    with pytest.raises(FedLoraError, match="fewer than the DP batch size"):
-        plan_privacy(tiny_cfg, tiny_cfg.batch_size - 1)
+    with pytest.raises(FedLoraError, match="no examples"):
+        plan_privacy(tiny_cfg, 0)
     with pytest.raises(FedLoraError, match="must be below 1/N"):
         plan_privacy(tiny_cfg.replace(delta=0.05), 64)
     with pytest.raises(FedLoraError, match="epsilon target cannot be met"):

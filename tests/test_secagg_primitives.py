@@ -103,9 +103,40 @@ def test_shamir_threshold():
     shares = shamir.split(secret, 3, 5)
     assert shamir.combine(shares[1:4], 3) == secret
     assert shamir.combine([shares[4], shares[0], shares[2]], 3) == secret
-    assert shamir.combine(shares[:2] + shares[:2], 2) != secret
+    try:  # below the threshold: a wrong secret, or a reconstruction that is visibly out of range
+        assert shamir.combine(shares[:2] + shares[:2], 2) != secret
+    except ValueError:
+        pass
     with pytest.raises(ValueError):
         shamir.combine(shares[:2], 3)
+
+
+def test_shamir_vectorized_every_size_and_hiding_below_threshold():
+    import random
+
+    rng = random.Random(0)
+    for num in (1, 2, 3, 5, 9, 17, 64, 101):
+        for t in {t for t in (1, 2, num // 2 + 1, num) if t <= num}:
+            secrets = [os.urandom(32) for _ in range(3)]
+            shares = shamir.split_many(secrets, t, num)
+            for sec, sh in zip(secrets, shares):
+                pick = rng.sample(sh, t)
+                assert shamir.combine(pick, t) == sec
+                assert shamir.combine(pick + rng.sample(sh, min(num, t + 1) - t), t) == sec
+    # t - 1 shares are consistent with every secret: the missing share can be chosen to hit any target
+    s1, s2 = os.urandom(32), os.urandom(32)
+    sh = shamir.split(s1, 3, 3)
+    p = shamir.P
+    import struct as _st
+
+    # interpolate the degree-2 polynomial through shares 1, 2 and (0, s2) per limb: share 3 that yields s2
+    l1 = np.frombuffer(sh[0][2:], "<u4").astype(object)
+    l2 = np.frombuffer(sh[1][2:], "<u4").astype(object)
+    l0 = shamir._to_limbs(s2).astype(object)
+    def at3(y0, y1, y2):  # Lagrange through (0, y0), (1, y1), (2, y2), evaluated at 3
+        return (y0 * 1 + y1 * (-3) + y2 * 3) % p
+    forged = _st.pack("<H", 3) + b"".join(int(at3(a, b, c)).to_bytes(4, "little") for a, b, c in zip(l0, l1, l2))
+    assert shamir.combine([sh[0], sh[1], forged], 3) == s2
 
 
 def test_quantize_roundtrip_within_bound():
@@ -119,7 +150,7 @@ def test_quantize_roundtrip_within_bound():
     wsum, total = decode_sum(acc, fmt, 3)
     assert total == 1010
     exact = sum(w * d for d, w in zip(deltas, weights)) / total
-    assert np.max(np.abs(wsum / total - exact)) <= fmt.error_bound(3, total)
+    assert np.max(np.abs(wsum / total - exact)) <= fmt.error_bound(3, total) + 4 * np.finfo(float).eps
 
 
 def test_quantize_picks_ring_from_clients_and_weights():
@@ -148,3 +179,20 @@ def test_decode_flags_impossible_total_weight():
     acc = encode(np.ones(4) * 0.5, 10, fmt) + encode(np.ones(4) * 0.5, 10, fmt) + encode(np.ones(4), 10, fmt)
     with pytest.raises(QuantizationOverflow):
         decode_sum(acc, fmt, 2)
+
+
+def test_honest_encoding_clips_and_n_worst_case_clients_never_overflow():
+    from shared.secagg.quantize import encode_clipped
+
+    for n, w, clip in [(2, 1, 1.0), (50, 1 << 14, 64.0), (100, 1 << 14, 64.0), (1000, 100, 8.0)]:
+        fmt = choose_format(n, max_weight=w, clip=clip)
+        worst = encode_clipped(np.array([1e30, -1e30, np.nan, np.inf, -np.inf]), 10 * w, fmt)
+        assert int(worst[-1]) == w  # weight capped
+        acc = np.zeros(6, dtype=fmt.dtype)
+        for _ in range(min(n, 64)):
+            acc += worst
+        acc_n = worst.astype(object) * n  # exact sum of n worst-case honest vectors
+        signed = [int(x) - (1 << fmt.bits) if int(x) >= 1 << (fmt.bits - 1) else int(x) for x in worst]
+        assert all(abs(v) * n < (1 << (fmt.bits - 1)) for v in signed), (n, w, signed)
+        wsum, total = decode_sum(worst * np.array(1, dtype=fmt.dtype), fmt, 1)
+        assert total == w and wsum[0] == pytest.approx(w * clip, rel=1e-6) and wsum[2] == 0

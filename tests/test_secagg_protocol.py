@@ -17,8 +17,10 @@ from flwr.app import Array, ArrayRecord
 
 import client.secagg_mod as mod
 import server.secure_aggregation as sa
+from shared.secagg.protocol import resolve_k
+sa.resolve_k = resolve_k
 from server.secure_aggregation import SecAggConfig, secure_aggregate
-from shared.secagg.protocol import RECORD, Key, Stage
+from shared.secagg.protocol import RECORD, STATE_RECORD, Key, Stage, connected, harary_graph, thresholds
 from simulations.bench_secagg import InProcessGrid, make_train, train_messages
 from test_secagg_primitives import chi2_uniform_pvalue
 
@@ -88,12 +90,23 @@ def test_all_declined_keeps_global():
         assert np.array_equal(res.arrays[k].numpy(), a.numpy())
 
 
-def test_weight_mismatch_with_metrics_is_detected(monkeypatch):
+def test_claimed_weight_is_capped_and_an_oversized_weight_slot_voids_the_round(monkeypatch):
+    # an honest client with more examples than the cap counts as the cap
+    g, nodes, deltas, weights, grid = setup_round(4)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(max_weight=100))
+    assert_matches(res, expected_fedavg(g, nodes, deltas, {n: min(w, 100) for n, w in weights.items()}))
+    # a client writing 2^20 into its weight slot (bypassing the cap) voids the round, model kept
     g, nodes, deltas, weights, grid = setup_round(4)
     real_encode = mod.encode
-    monkeypatch.setattr(mod, "encode", lambda d, w, fmt: real_encode(d, w + 1 if w else w, fmt))
-    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
-    assert res.arrays is None and "integrity" in res.error
+    cheat = nodes[1]
+    def enc(d, w, fmt):
+        v = real_encode(d, w, fmt)
+        if w == min(weights[cheat], fmt.max_weight):
+            v[-1] = 1 << 20
+        return v
+    monkeypatch.setattr(mod, "encode", enc)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(max_weight=5000))
+    assert res.arrays is None and "out of range" in res.error
 
 
 def test_masked_payload_is_uniform_over_the_ring():
@@ -112,7 +125,7 @@ def test_masked_payload_is_uniform_over_the_ring():
 def test_dropout_of_n_minus_t_with_complete_graph(stage):
     n = 10
     g, nodes, deltas, weights, grid = setup_round(n, seed=11)
-    gone = set(nodes[1:4])  # n - t = 10 - 7
+    gone = set(nodes[1:5])  # n - t = 10 - 6
     grid.drop = lambda st, nid: st == stage and nid in gone
     res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(neighbours=n - 1))
     contributors = nodes if stage == Stage.UNMASK else [x for x in nodes if x not in gone]
@@ -134,7 +147,7 @@ def test_dropout_with_sparse_graph():
 def test_too_few_survivors_fails_cleanly_and_next_round_proceeds(stage):
     n = 10
     g, nodes, deltas, weights, grid = setup_round(n, seed=13)
-    gone = set(nodes[:4])
+    gone = set(nodes[:5])  # one more than n - t
     grid.drop = lambda st, nid: st == stage and nid in gone
     res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(neighbours=n - 1))
     assert res.arrays is None and res.error
@@ -146,24 +159,14 @@ def test_too_few_survivors_fails_cleanly_and_next_round_proceeds(stage):
 
 
 def test_unrecoverable_sparse_neighbourhood_fails_cleanly():
-    n = 12
+    n = 20
     g, nodes, deltas, weights, grid = setup_round(n, seed=14)
-    original = sa.random_regular_graph
-    graphs = []
-    monkey = lambda nodes_, k, rng=None: graphs.append(original(nodes_, k, rng)) or graphs[-1]
-    sa.random_regular_graph = monkey
-    try:
-        victim = nodes[0]
-        gone = {victim}
-        def drop(st, nid):
-            if st == Stage.COLLECT and not (len(gone) > 1):
-                gone.update(list(graphs[-1][victim])[:3])
-            return st == Stage.COLLECT and nid in gone
-        grid.drop = drop
-        res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(threshold=6))
-    finally:
-        sa.random_regular_graph = original
-    assert res.arrays is None and "unmask" in res.error
+    k = sa.resolve_k(n, None)
+    t, t_local = thresholds(n, k)
+    gone = set(nodes[: n - t + 1])
+    grid.drop = lambda st, nid: st == Stage.COLLECT and nid in gone
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
+    assert res.arrays is None and "threshold" in res.error
 
 
 def _collect_msgs_tamper(grid, node, fn):
@@ -264,6 +267,9 @@ def test_server_never_holds_an_unmasked_individual_update(monkeypatch):
         def remove_mask(self, seed, sign):
             super().remove_mask(seed, sign)
             seen.append(self.value.copy())
+        def remove_masks(self, seeds):  # one at a time, so every intermediate value is inspected
+            for seed, sign in seeds:
+                self.remove_mask(seed, sign)
     monkeypatch.setattr(sa, "RingAccumulator", SpyAccumulator)
 
     res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
@@ -285,13 +291,22 @@ def test_server_never_holds_an_unmasked_individual_update(monkeypatch):
                 assert all(np.mean(v == q) < 0.01 for q in quantized)
 
 
-def test_update_outside_declared_bound_fails_round_instead_of_wrapping():
+def test_update_outside_declared_bound_is_clipped_and_an_out_of_range_sum_voids_the_round(monkeypatch):
     g, nodes, deltas, weights, grid = setup_round(5, seed=21, big=1000 + 7 * 3)
-    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
-    assert res.arrays is None and "overflow" in res.error and "node 1021" in res.error
-    # With a declared bound large enough the same round succeeds.
-    res = secure_aggregate(grid, g, train_messages(nodes, g, 2), SecAggConfig(update_bound=2e4))
-    assert_matches(res, expected_fedavg(g, nodes, deltas, weights))
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(update_bound=1.0))
+    assert res.error is None  # the honest client clipped its update to the bound
+    clipped = {n: {k: np.clip(v, -1.0, 1.0) for k, v in d.items()} for n, d in deltas.items()}
+    assert_matches(res, expected_fedavg(g, nodes, clipped, weights))
+    # a client that writes past the bound (no clipping, straight into the ring) voids the round
+    real_encode = mod.encode
+    def enc(d, w, fmt):
+        v = real_encode(d, w, fmt)
+        if w == weights[nodes[2]]:
+            v[0] = np.uint64(1 << 62)
+        return v
+    monkeypatch.setattr(mod, "encode", enc)
+    res = secure_aggregate(grid, g, train_messages(nodes, g, 2), SecAggConfig(update_bound=1.0))
+    assert res.arrays is None and "out of range" in res.error
 
 
 def test_single_client_round_is_refused():
@@ -310,15 +325,33 @@ def test_non_secagg_messages_pass_through():
     assert mod.secagg_mod(msg, grid.contexts[nodes[0]], nxt) is msg and called == [msg]
 
 
-def test_random_regular_graph_is_k_regular_and_simple():
-    for n, k in [(10, 4), (11, 4), (50, 6), (7, 6), (12, 5)]:
-        g = sa.random_regular_graph(list(range(n)), k)
-        assert all(len(v) == k and i not in v for i, v in g.items())
-        assert all(i in g[j] for i, v in g.items() for j in v)
-    assert sa.resolve_neighbours(None, 3) == 2 and sa.resolve_neighbours(None, 50) == 6
-    assert sa.resolve_neighbours(None, 11) == 4 and sa.resolve_neighbours(5, 11) == 6
-    assert sa.resolve_threshold(None, 10) == 7 and sa.resolve_threshold(0.5, 10) == 5
-    assert sa.resolve_threshold(None, 2) == 2
+def test_harary_graph_is_k_regular_and_connected_by_construction():
+    import os as _os
+    for n in range(2, 41):
+        k = sa.resolve_k(n, None)
+        for _ in range(25):
+            graph = harary_graph(list(range(100, 100 + n)), k, _os.urandom(16))
+            assert all(len(v) == k and i not in v for i, v in graph.items())
+            assert all(i in graph[j] for i, v in graph.items() for j in v)
+            assert connected(graph, set(graph))
+    # k-connected: removing any f < k nodes keeps it connected (random subsets, many seeds)
+    rng = np.random.default_rng(0)
+    for n in (8, 13, 50, 100):
+        k = sa.resolve_k(n, None)
+        t, t_local = thresholds(n, k)
+        for _ in range(200):
+            graph = harary_graph(list(range(n)), k, rng.bytes(16))
+            gone = set(rng.choice(n, size=n - t, replace=False).tolist())
+            assert connected(graph, set(range(n)) - gone)
+
+
+def test_client_enforced_thresholds():
+    for n in range(2, 200):
+        k = sa.resolve_k(n, None)
+        t, t_local = thresholds(n, k)
+        assert t > n / 2 and 2 * t_local > k + 1 and t_local <= k + 1
+        assert thresholds(n, k, t_request=2) == (t, t_local)  # a server cannot lower them
+        assert thresholds(n, k, min_fraction=0.9)[0] >= 0.9 * n  # an owner can raise them
 
 
 def test_through_a_real_flower_clientapp():

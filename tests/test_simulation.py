@@ -24,6 +24,11 @@ def run(tmp_path_factory):
     cfg = FedConfig(model="tiny-bert", brands=3, num_clients=3, examples_per_brand=64, test_size=60,
                     rounds=2, batch_size=16, lr=5e-3, max_length=32, output=str(out))
     summary = simulate(cfg)
+    # the simulation's signing keys are for that run only: nothing leaks into later runs
+    # (a deployed server in the same environment must not trust the simulation roster)
+    from shared.secagg.identity import ENV_SIM_DIR
+    import os
+    assert ENV_SIM_DIR not in os.environ
     return cfg, out, summary
 
 

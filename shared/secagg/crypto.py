@@ -27,6 +27,7 @@ __all__ = [
     "KeyPair",
     "ShareDecryptionError",
     "agree",
+    "agree_many",
     "commit_seed",
     "decrypt_share",
     "encrypt_share",
@@ -75,6 +76,18 @@ def agree(private: bytes, peer_public: bytes) -> bytes:
     if shared == bytes(32):
         raise ValueError("X25519 produced the all-zero secret (low-order public key)")
     return shared
+
+
+def agree_many(private: bytes, peer_publics: list[bytes]) -> list[bytes]:
+    """``agree`` with one private key and many peers (the key object is built once)."""
+    sk = X25519PrivateKey.from_private_bytes(private)
+    out = []
+    for pk in peer_publics:
+        shared = sk.exchange(X25519PublicKey.from_public_bytes(pk))
+        if shared == bytes(32):
+            raise ValueError("X25519 produced the all-zero secret (low-order public key)")
+        out.append(shared)
+    return out
 
 
 def _pair(a: int, b: int) -> bytes:

@@ -1,6 +1,6 @@
-"""Mask generation: ChaCha20 keystream keyed with the full 256-bit seed, read as ring elements.
+"""Mask generation: AES-256-CTR keystream keyed with the full 256-bit seed, read as ring elements.
 
-Unlike flwr's ``pseudo_rand_gen`` (which XOR-folds the key into a 32-bit Mersenne-Twister
+AES-CTR runs on the CPU's AES instructions (about twice ChaCha20's throughput here). Unlike flwr's ``pseudo_rand_gen`` (which XOR-folds the key into a 32-bit Mersenne-Twister
 seed, flwr issue #7522) every bit of the seed keys the stream, and the output is uniform
 over Z_{2^b} because 2^b divides the word size: no rejection sampling needed.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 _NONCE = bytes(16)
 """Each seed keys exactly one stream (seeds are fresh or HKDF-derived per round), so a fixed nonce is safe."""
@@ -33,7 +33,7 @@ _zeros = memoryview(b"")
 
 
 def _zero_input(nbytes: int) -> memoryview:
-    """Shared all-zero plaintext (keystream = ChaCha20(zeros)); grown on demand, never written."""
+    """Shared all-zero plaintext (keystream = AES-CTR(zeros)); grown on demand, never written."""
     global _zeros
     if len(_zeros) < nbytes:
         _zeros = memoryview(bytes(max(nbytes, 2 * len(_zeros))))
@@ -43,7 +43,7 @@ def _zero_input(nbytes: int) -> memoryview:
 def keystream_into(seed: bytes, out: memoryview | bytearray) -> None:
     if len(seed) != 32:
         raise ValueError("mask seed must be 32 bytes")
-    enc = Cipher(algorithms.ChaCha20(seed, _NONCE), mode=None).encryptor()
+    enc = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
     enc.update_into(_zero_input(len(out)), out)
 
 
@@ -80,4 +80,46 @@ def add_mask(acc: np.ndarray, seed: bytes, bits: int, sign: int = 1) -> None:
         np.add(acc, m, out=acc)
     else:
         np.subtract(acc, m, out=acc)
+    reduce(acc, bits)
+
+
+_pool = None
+_pool_lock = threading.Lock()
+
+
+def _executor():
+    """One process-wide pool (created on first use): a pool per call costs more than it saves."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import os
+            from concurrent.futures import ThreadPoolExecutor
+
+            _pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="secagg-mask")
+        return _pool
+
+
+def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
+    """acc += sum(sign * mask(seed)) in place. The keystreams are expanded on a thread pool
+    (the cipher runs outside the GIL) while this thread adds the previous ones, in order,
+    with at most two masks per worker in memory."""
+    import os
+
+    workers = min(4, os.cpu_count() or 1)
+    if len(seeds) < 16 or workers < 2 or acc.nbytes < (1 << 18):  # small batches: threads cost more
+        for seed, sign in seeds:
+            add_mask(acc, seed, bits, sign)
+        return
+
+    def expand(seed: bytes) -> np.ndarray:
+        m = np.empty_like(acc)
+        keystream_into(seed, memoryview(m).cast("B"))
+        return m
+
+    pool = _executor()
+    for start in range(0, len(seeds), 2 * workers):
+        chunk = seeds[start: start + 2 * workers]
+        for (_, sign), m in zip(chunk, pool.map(expand, [seed for seed, _ in chunk])):
+            reduce(m, bits)
+            (np.add if sign >= 0 else np.subtract)(acc, m, out=acc)
     reduce(acc, bits)

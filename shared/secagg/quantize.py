@@ -4,7 +4,8 @@ Each client encodes ``round(w * delta * scale)`` (two's complement in the ring) 
 its integer weight ``w``. The format is fixed by the server before training from public
 quantities only (number of clients ``n``, max weight ``W``, clip range ``C`` on
 ``|delta|_inf``) so that the sum of ``n`` in-range contributions can never wrap:
-``n * W * C * scale < 2^(b-1)``. A client whose update or weight is outside the declared
+``n * W * C * scale <= 2^(b-2)`` (a spare bit of headroom covers rounding, so
+n honest clients never overflow; clients clip to C and cap their weight at W). A client whose update or weight is outside the declared
 range raises :class:`QuantizationOverflow` instead of wrapping silently.
 
 Error bound: each client's rounding error is at most 1/2 unit, so after dividing by the total
@@ -66,7 +67,7 @@ def choose_format(
     if bits is None:
         bits = 32 if 1 + _RESOLUTION_BITS + math.ceil(math.log2(span)) <= 32 else 64
     ring_dtype(bits)
-    scale = 2.0 ** math.floor(math.log2(((1 << (bits - 1)) - 1) / (span * clip)))
+    scale = 2.0 ** math.floor(math.log2(2.0 ** (bits - 2) / (span * clip)))
     if scale * clip < 2.0**10:
         raise ValueError(
             f"a {bits}-bit ring leaves under 10 bits of resolution for {n} clients, "
@@ -76,7 +77,8 @@ def choose_format(
 
 
 def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
-    """Ring vector ``[round(weight * delta * scale)..., weight]``; raises on out-of-range input."""
+    """Ring vector ``[round(weight * delta * scale)..., weight]``; raises on out-of-range input
+    (:func:`encode_clipped` is what an honest client sends: it clips instead of raising)."""
     if isinstance(weight, bool) or int(weight) != weight or not 0 <= weight <= fmt.max_weight:
         raise QuantizationOverflow(f"weight {weight} outside [0, {fmt.max_weight}]")
     weight = int(weight)
@@ -86,18 +88,43 @@ def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
     if weight == 0 or flat.size == 0:
         out[:-1] = 0
         return out
-    amax = float(np.max(np.abs(flat)))
-    if not math.isfinite(amax):
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise QuantizationOverflow("update contains NaN or inf")
+    amax = max(-lo, hi)
     if amax > fmt.clip:
         raise QuantizationOverflow(f"|delta|_inf = {amax:.6g} exceeds the declared bound {fmt.clip:.6g}")
     vals = np.multiply(flat, weight * fmt.scale, dtype=np.float64)
     np.rint(vals, out=vals)
-    q = vals.astype(np.int64)
     if fmt.bits == 64:
-        out[:-1] = q.view(np.uint64)
+        out[:-1] = vals.astype(np.int64).view(np.uint64)
     else:
-        out[:-1] = (q & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
+        out[:-1] = (vals.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
+    return out
+
+
+def encode_clipped(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
+    """Like :func:`encode`, but the update is clipped to the declared bound (NaN -> 0) and the
+    weight capped at ``max_weight``, so an honest client's vector is always in range and n of
+    them never overflow the ring. Consumes ``delta`` (float64, modified in place)."""
+    weight = max(0, min(int(weight), fmt.max_weight))
+    flat = delta.reshape(-1)
+    out = np.empty(flat.size + 1, dtype=fmt.dtype)
+    out[-1] = weight
+    if weight == 0 or flat.size == 0:
+        out[:-1] = 0
+        return out
+    f = weight * fmt.scale
+    lim = math.floor(f * fmt.clip)
+    np.multiply(flat, f, out=flat)
+    if not math.isfinite(float(flat.sum())):
+        np.nan_to_num(flat, copy=False, nan=0.0, posinf=lim, neginf=-lim)
+    np.clip(flat, -lim, lim, out=flat)
+    np.rint(flat, out=flat)
+    if fmt.bits == 64:
+        np.copyto(out[:-1].view(np.int64), flat, casting="unsafe")
+    else:
+        out[:-1] = (flat.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
     return out
 
 

@@ -1,0 +1,76 @@
+"""Local-only baselines: each owner spends the same privacy budget alone, on its own data.
+
+This is the number an owner compares with before joining a federation: the model it
+could train by itself at the same (epsilon, delta), over the same rounds, through the
+same training path (`client.trainer.train_local`, its own ledger and plan), scored on
+the owner's own test rows when the test data names owners, else on the whole test set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from client.privacy import PrivacyLedger, plan_privacy
+from client.trainer import train_local
+from shared.config import FedConfig
+from shared.data import choose_max_length, client_partition, encode, load_federation, partitioning
+from shared.errors import FedLoraError
+from shared.evaluation import evaluate
+from shared.frozen_prefix import training_view
+from shared.lora import cached_model, load_trainable_state, model_key
+
+
+def test_groups(cfg: FedConfig, test) -> np.ndarray | None:
+    """The owner of each test row, when the test data has the partition column filled in."""
+    if cfg.partition_by and cfg.partition_by in test.columns and test[cfg.partition_by].notna().all():
+        return test[cfg.partition_by].astype(str).to_numpy()
+    return None
+
+
+def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict]:
+    """{owner: {"rows", "local": scores or None, "declined": reason or absent}} for every owner."""
+    console = console or Console(stderr=True)
+    fed = load_federation(cfg)
+    parts = partitioning(cfg)
+    model, tokenizer = cached_model(cfg, len(fed.labels))
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test["text"], tokenizer, cfg, model), "test data")
+    groups = test_groups(cfg, fed.test)
+    eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
+    results: dict[str, dict] = {}
+    for pid, name in enumerate(parts.names):
+        frame = client_partition(cfg, pid)
+        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model), name)
+        entry: dict = {"rows": len(data)}
+        load_trainable_state(model, model.fedlora_initial_state)
+        ledger, plan = None, None
+        if cfg.dp:
+            ledger = PrivacyLedger(cfg.delta, cfg.target_epsilon)
+            try:
+                plan = plan_privacy(cfg, len(data))
+            except FedLoraError as exc:
+                results[name] = entry | {"local": None, "declined": str(exc)}
+                continue
+        for server_round in range(1, cfg.rounds + 1):
+            train_local(model, data, cfg, ledger, plan, server_round)
+        scores = evaluate(eval_module, eval_data, len(fed.labels), groups=groups)
+        own = scores["owners"].get(name) if groups is not None else None
+        entry["local"] = own or {k: v for k, v in scores.items() if k != "owners"}
+        entry["epsilon"] = ledger.epsilon() if ledger else None
+        results[name] = entry
+        console.print(f"local-only {name}: {len(data)} rows, macro-F1 {entry['local']['macro_f1']:.3f}")
+    return results
+
+
+def print_owner_table(owners: dict[str, dict], console: Console | None = None) -> None:
+    """Per owner: the federated model against the owner's local-only model (macro-F1)."""
+    table = Table(title="federated vs local-only, per owner (macro-F1 on the owner's test rows)")
+    for header in ("owner", "rows", "local", "federated", "gain"):
+        table.add_column(header, justify="right")
+    for name, entry in owners.items():
+        local, fed = entry.get("local"), entry.get("federated")
+        cells = [f"{x['macro_f1']:.3f}" if x else "-" for x in (local, fed)]
+        gain = f"{100 * (fed['macro_f1'] - local['macro_f1']):+.1f} pt" if local and fed else "-"
+        table.add_row(name[:20], str(entry.get("rows", "")), *cells, gain)
+    (console or Console()).print(table)

@@ -1,0 +1,111 @@
+"""Real owners' data: partition columns with holes and tiny groups, token length from the data,
+per-class metrics, and the frozen-prefix path that must give the full model's results."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from client.privacy import PrivacyLedger, plan_privacy
+from client.trainer import train_local
+from shared.config import FedConfig
+from shared.data import choose_max_length, client_partition, encode, num_partitions, partitioning
+from shared.evaluation import evaluate, scores
+from shared.frozen_prefix import split_layer, training_view
+from shared.lora import build_model, load_trainable_state, trainable_state
+from shared.models import minilm_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def _owners_file(tmp_path, sizes: dict, missing: int = 0) -> str:
+    rng = np.random.default_rng(0)
+    rows = [{"text": f"review {i} of store {s}: {'great' if i % 2 else 'awful'} service", "label": "pos" if i % 2 else "neg",
+             "store": s} for s, n in sizes.items() for i in range(n)]
+    rows += [{"text": f"orphan review {i}", "label": "neg", "store": None} for i in range(missing)]
+    path = tmp_path / "owners.csv"
+    pd.DataFrame(rows).sample(frac=1.0, random_state=int(rng.integers(100))).to_csv(path, index=False)
+    return str(path)
+
+
+def test_partition_column_with_missing_values_and_tiny_groups(tmp_path):
+    path = _owners_file(tmp_path, {"a": 60, "b": 45, "c": 5, "d": 3}, missing=7)
+    cfg = FedConfig(model="tiny-bert", data=path, test_data=path, partition_by="store")
+    parts = partitioning(cfg)
+    assert sorted(parts.names) == ["a", "b"] and num_partitions(cfg) == 2
+    assert any("7 rows without a 'store' value" in n for n in parts.notes)
+    assert any("2 of 4 owners with fewer than 20 rows (8 rows)" in n for n in parts.notes)
+    sizes = sorted(len(client_partition(cfg, pid)) for pid in range(2))
+    assert sizes == [45, 60]
+    assert sorted(parts.sizes) == sizes
+
+
+def test_partition_column_entirely_empty_is_one_line_error(tmp_path):
+    path = tmp_path / "empty_owner.csv"
+    pd.DataFrame({"text": ["a b"] * 30, "label": ["x", "y"] * 15, "store": [None] * 30}).to_csv(path, index=False)
+    from shared.errors import FedLoraError
+
+    with pytest.raises(FedLoraError, match="no values to partition by"):
+        partitioning(FedConfig(data=str(path), partition_by="store"))
+
+
+def test_length_from_the_data_is_a_bucketed_high_percentile(tokenizer):
+    cfg = FedConfig()
+    short = ["great product"] * 95 + ["word " * 200] * 5
+    assert choose_max_length(short, tokenizer, cfg) == 32  # the long 5% do not set the length
+    medium = ["word " * 50] * 100
+    assert choose_max_length(medium, tokenizer, cfg) == 64
+    long = ["word " * 1000] * 100
+    assert choose_max_length(long, tokenizer, cfg) == 256  # --max-length-cap
+    assert choose_max_length(long, tokenizer, cfg.replace(max_length_cap=128)) == 128
+    assert choose_max_length(short, tokenizer, cfg.replace(max_length=48)) == 48  # explicit override
+    assert choose_max_length(long, tokenizer, cfg.replace(max_length=4096)) == 512  # the model's limit
+
+
+def test_scores_report_per_class_recall_and_majority():
+    y_true = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 0, 0, 0, 0, 0, 0])
+    out = scores(y_pred, y_true, 3)
+    assert out["accuracy"] == 0.5 and out["majority_accuracy"] == 0.5
+    assert out["recall"] == [1.0, 0.0, 0.0]
+    assert out["macro_f1"] == pytest.approx((2 * 0.5 / 1.5) / 3)
+
+
+def _tiny(lora_layers):
+    cfg = FedConfig(model="tiny-bert", lora_layers=lora_layers, batch_size=8, brands=2, examples_per_brand=32)
+    model, tok = build_model(cfg, 2)
+    data = encode(client_partition(cfg.replace(partition_by="brand"), 0), ["negative", "positive"], tok, 32)
+    return cfg, model, data
+
+
+def test_frozen_prefix_gives_the_full_models_logits():
+    cfg, model, data = _tiny(lora_layers=1)
+    assert split_layer(model, 1) == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    full = evaluate(model, data, 2)
+    top, features = training_view(model, data, 1, "test")
+    cached = evaluate(top, features, 2)
+    assert cached["loss"] == pytest.approx(full["loss"], abs=1e-3)
+    assert cached["accuracy"] == full["accuracy"]
+
+
+def test_dp_training_on_the_frozen_prefix_moves_the_full_models_adapter():
+    """The top module shares the model's own tensors: a DP step there is a step of the model (opacus#820)."""
+    cfg, model, data = _tiny(lora_layers=1)
+    before = trainable_state(model)
+    ledger = PrivacyLedger(cfg.delta, cfg.target_epsilon)
+    train_local(model, data, cfg, ledger, plan_privacy(cfg, len(data)), server_round=1)
+    after = trainable_state(model)
+    moved = [k for k in before if not np.array_equal(before[k], after[k])]
+    assert any("lora_B" in k for k in moved) and any("classifier" in k for k in moved)
+    assert all(".layer.1." in k for k in moved if "lora" in k)  # only the top layer carries adapters
+    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+    assert hooks == 0
+    load_trainable_state(model, before)
