@@ -77,7 +77,7 @@ class RunReport:
                 entry["declined_code"] = int(m.get("declined-code", DeclineCode.BUDGET))
         eps = [float(m["epsilon"]) for m in client_metrics if "epsilon" in m]
         row = {
-            "round": server_round, **{k: evaluation[k] for k in ("accuracy", "macro_f1", "loss", "majority_accuracy")},
+            "round": server_round, **{k: evaluation.get(k) for k in ("accuracy", "macro_f1", "loss", "majority_accuracy")},
             **{f"recall_{name}": r for name, r in zip(self.labels, evaluation.get("recall", []))},
             "epsilon_max": _finite(max(eps)) if eps else None,
             "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained) - len(errored),
@@ -88,9 +88,10 @@ class RunReport:
         self.rounds = [r for r in self.rounds if r["round"] != server_round] + [row]
         for owner, owner_scores in evaluation.get("owners", {}).items():
             self.owners.setdefault(owner, {})["federated"] = owner_scores
-        if evaluation["loss"] > evaluation["uniform_loss"] and server_round > 1:
+        uniform = evaluation.get("uniform_loss")
+        if uniform is not None and evaluation["loss"] > uniform and server_round > 1:
             self.warnings.append(
-                f"round {server_round}: held-out loss {evaluation['loss']:.3f} is above {evaluation['uniform_loss']:.3f}, "
+                f"round {server_round}: held-out loss {evaluation['loss']:.3f} is above {uniform:.3f}, "
                 "the loss of a uniform guess: training is diverging (lower --lr / --head-lr, or raise --target-epsilon)")
         self.write()
         return row
