@@ -29,14 +29,28 @@ class TrainResult:
     steps: int
 
 
-def _step(model: torch.nn.Module, batch, optimizer) -> float:
+def _step(model: torch.nn.Module, batch, optimizer) -> float | None:
     inputs, attention_mask, labels = batch
-    inputs, attention_mask = trim_padding(inputs, attention_mask)
     optimizer.zero_grad(set_to_none=True)
+    if len(labels) == 0:
+        # An empty Poisson batch (likely for a small owner): no example to forward, but
+        # DP-SGD still takes its step, pure noise, which the accountant has counted.
+        if hasattr(optimizer, "add_noise"):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            optimizer.step()
+        return None
+    inputs, attention_mask = trim_padding(inputs, attention_mask)
     loss = model(inputs, attention_mask=attention_mask, labels=labels).loss
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def _mean(losses: list[float | None]) -> float:
+    seen = [x for x in losses if x is not None]
+    return sum(seen) / max(1, len(seen))
 
 
 def _split(model: torch.nn.Module) -> tuple[list, list]:
@@ -139,7 +153,7 @@ def train_local(
     if not cfg.dp:
         losses = [_step(model, batch, optimizer) for _ in range(cfg.local_epochs) for batch in loader]
         full_model.eval()
-        return TrainResult(sum(losses) / max(1, len(losses)), len(losses))
+        return TrainResult(_mean(losses), len(losses))
 
     assert ledger is not None and plan is not None
     engine = secure_random.privacy_engine(accountant="rdp")
@@ -162,4 +176,4 @@ def train_local(
         dp_model._close()  # remove hooks and per-sample grads from the shared model
     ledger.record(engine.accountant, server_round)
     full_model.eval()
-    return TrainResult(sum(losses) / max(1, len(losses)), len(losses))
+    return TrainResult(_mean(losses), len(losses))

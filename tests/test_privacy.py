@@ -131,3 +131,24 @@ def test_bad_privacy_requests_are_refused(tiny_cfg):
         plan_privacy(tiny_cfg.replace(delta=0.05), 64)
     with pytest.raises(FedLoraError, match="epsilon target cannot be met"):
         plan_privacy(tiny_cfg.replace(target_epsilon=1e-4, rounds=50), 64)
+
+
+def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_cfg, monkeypatch):
+    """A 20-row owner draws an empty batch about once in a hundred rounds: it must not crash,
+    and the step still adds noise (the accountant counted it)."""
+    from client import secure_random
+
+    draw = secure_random.SecurePoissonSampler.__iter__
+
+    def first_batch_empty(self):
+        yield []
+        yield from list(draw(self))[1:]
+
+    monkeypatch.setattr(secure_random.SecurePoissonSampler, "__iter__", first_batch_empty)
+    model, ds = _dataset(tiny_cfg)
+    small = torch.utils.data.TensorDataset(*(t[:20] for t in ds.tensors))
+    plan = plan_privacy(tiny_cfg, len(small))
+    ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
+    result = train_local(model, small, tiny_cfg, ledger, plan, server_round=1)
+    assert result.steps == plan.steps_per_round
+    assert ledger.epsilon() > 0
