@@ -35,8 +35,8 @@ _HELP = {
     "max_length_cap": "longest length the data-driven choice may pick (default: 256)",
     "min_client_examples": "simulation: leave out owners with fewer rows (default: 20)",
     "local_baseline": "simulation: also train each owner alone at the same budget and compare",
-    "optimizer": "sgd or adam (default: sgd; under DP the SGD rates are per unit of clipped gradient)",
-    "clipping": "split (head and adapter each clipped to half the budget) or flat",
+    "optimizer": "adam (default), mixed (SGD+momentum head, Adam adapter) or sgd; under DP SGD rates are per unit of clipped gradient",
+    "clipping": "flat (default) or split (head and adapter each clipped to half the squared budget)",
 }
 _SPECIAL = {"dp", "secure_agg", "partition_by", "partition", "num_clients"}
 
