@@ -17,6 +17,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -53,6 +54,14 @@ def client_batch_size(cfg: FedConfig, num_examples: int) -> int:
     return max(1, min(cfg.batch_size, num_examples // MIN_STEPS_PER_EPOCH))
 
 
+@lru_cache(maxsize=4096)
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """Opacus's calibration is a bisection over the accountant (~1 s); a client asks the same
+    question every round, so a worker answers it once."""
+    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                steps=steps, accountant="rdp", alphas=ALPHAS)
+
+
 def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
     """Noise multiplier for this client's own data size over the whole planned run.
 
@@ -70,10 +79,7 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
     sample_rate = 1.0 / batches
     steps_per_round = cfg.local_epochs * batches
     try:
-        sigma = get_noise_multiplier(
-            target_epsilon=cfg.target_epsilon, target_delta=cfg.delta, sample_rate=sample_rate,
-            steps=steps_per_round * cfg.rounds, accountant="rdp", alphas=ALPHAS,
-        )
+        sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate, steps_per_round * cfg.rounds)
     except ValueError as exc:
         raise FedLoraError(f"epsilon target cannot be met: --target-epsilon {cfg.target_epsilon} ({exc})") from exc
     if sigma > MAX_NOISE_MULTIPLIER:
