@@ -20,7 +20,7 @@ from server.checkpoint import latest_checkpoint, load_checkpoint_state, save_che
 from server.report import RunReport
 from server.strategy import FedLoraStrategy, with_client_id
 from shared.config import FedConfig
-from shared.data import choose_max_length, encode, load_federation, num_partitions
+from shared.data import choose_max_length, encode, load_federation, num_partitions, row_owners
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
 from shared.lora import cached_model, load_trainable_state, model_key, trainable_state
@@ -61,9 +61,7 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
     model, tokenizer = cached_model(cfg, len(fed.labels))
     test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test["text"], tokenizer, cfg, model), "test data")
     # per-owner scores when the test rows name their owner (the partition column)
-    groups = None
-    if cfg.partition_by and cfg.partition_by in fed.test.columns and fed.test[cfg.partition_by].notna().all():
-        groups = fed.test[cfg.partition_by].astype(str).to_numpy()
+    groups = row_owners(cfg, fed.test)
 
     start = 1
     report = RunReport(output, cfg.to_run_config(), labels=fed.labels)

@@ -299,6 +299,13 @@ def client_partition(cfg: FedConfig, partition_id: int) -> pd.DataFrame:
     return part
 
 
+def row_owners(cfg: FedConfig, frame: pd.DataFrame) -> np.ndarray | None:
+    """The owner of each row, when the frame has the partition column filled in (per-owner scores)."""
+    if cfg.partition_by and cfg.partition_by in frame.columns and frame[cfg.partition_by].notna().all():
+        return frame[cfg.partition_by].astype(str).to_numpy()
+    return None
+
+
 # --- tokens --------------------------------------------------------------------------
 
 LENGTH_BUCKETS = (32, 64, 128, 256, 512)

@@ -8,25 +8,17 @@ the owner's own test rows when the test data names owners, else on the whole tes
 
 from __future__ import annotations
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from client.privacy import PrivacyLedger, plan_privacy
 from client.trainer import train_local
 from shared.config import FedConfig
-from shared.data import choose_max_length, client_partition, encode, load_federation, partitioning
+from shared.data import choose_max_length, client_partition, encode, load_federation, partitioning, row_owners
 from shared.errors import FedLoraError
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
 from shared.lora import cached_model, load_trainable_state, model_key
-
-
-def test_groups(cfg: FedConfig, test) -> np.ndarray | None:
-    """The owner of each test row, when the test data has the partition column filled in."""
-    if cfg.partition_by and cfg.partition_by in test.columns and test[cfg.partition_by].notna().all():
-        return test[cfg.partition_by].astype(str).to_numpy()
-    return None
 
 
 def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict]:
@@ -36,7 +28,7 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
     parts = partitioning(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
     test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test["text"], tokenizer, cfg, model), "test data")
-    groups = test_groups(cfg, fed.test)
+    groups = row_owners(cfg, fed.test)
     eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
     results: dict[str, dict] = {}
     for pid, name in enumerate(parts.names):
