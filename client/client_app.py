@@ -92,6 +92,20 @@ def owner_log(context: Context, text: str) -> None:
             pass
 
 
+def log_training(ledger: Path | None, server_round: int, result) -> None:
+    """The owner's own record of its training loss, next to its ledger; under DP it never
+    leaves the client (the reply carries no loss), but the owner can see it converge."""
+    if ledger is None:
+        return
+    path = ledger.with_suffix(".train.csv")
+    try:
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(("round,loss,steps\n" if new else "") + f"{server_round},{result.loss:.6f},{result.steps}\n")
+    except OSError:
+        pass
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train one round, or decline with a code. Under DP the reply carries only what the
@@ -140,6 +154,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     if not cfg.dp:  # a non-private baseline, allowed by the policy: report everything, as before
         load_trainable_state(model, from_record(msg.content["arrays"]))
         result = train_local(model, dataset, cfg, None, None, server_round)
+        log_training(ledger_path(context, cfg), server_round, result)
         arrays = to_record(trainable_state(model))
         metrics = {"declined": 0, "declined-code": 0, "num-examples": len(dataset),
                    "partition-id": int(context.node_config.get("partition-id", -1)), "delta": 0.0,
@@ -160,8 +175,9 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
                                f"{ledger.epsilon_after(plan):.3f} > budget {cfg.target_epsilon}",
                                report={"epsilon": ledger.epsilon(), "delta": cfg.delta})
             load_trainable_state(model, from_record(msg.content["arrays"]))
-            train_local(model, dataset, cfg, ledger, plan, server_round)
+            result = train_local(model, dataset, cfg, ledger, plan, server_round)
             save_ledger(context, cfg, ledger)
+            log_training(path, server_round, result)
     except FedLoraError as exc:  # the lock, or a ledger file that is unreadable or does not add up
         raise Declined(DeclineCode.LEDGER, str(exc)) from None
     arrays = to_record(trainable_state(model))

@@ -59,7 +59,29 @@ def _split(model: torch.nn.Module) -> tuple[list, list]:
     return adapter, head
 
 
-def parameter_groups(model: torch.nn.Module, cfg: FedConfig) -> list[dict]:
+def round_scale(cfg: FedConfig, server_round: int) -> float:
+    """Learning-rate multiplier for this round: cosine decay from 1 to 0.1 over
+    --rounds when --lr-decay is cosine.
+
+    Federated DP updates from owners with different label mixes pull the shared head
+    in different directions; a step that is right in round 1 overshoots in round 6, and
+    the averaged model oscillates instead of settling.
+    """
+    if cfg.lr_decay != "cosine" or cfg.rounds <= 1 or server_round < 1:
+        return 1.0
+    progress = min(1.0, (server_round - 1) / (cfg.rounds - 1))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def head_only(cfg: FedConfig, server_round: int) -> bool:
+    """LP-FT: the first --head-rounds rounds train the task head alone (a DP linear
+    probe on the frozen features); the adapters join once the head is sensible, so
+    their early, noisy gradients do not chase a random head. Never more than half the
+    rounds: a short run still fine-tunes."""
+    return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2)
+
+
+def parameter_groups(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0) -> list[dict]:
     """The LoRA B matrices and the task head learn at their own rates (and, by default,
     with their own algorithm).
 
@@ -73,6 +95,7 @@ def parameter_groups(model: torch.nn.Module, cfg: FedConfig) -> list[dict]:
     adapter_algo = "sgd" if cfg.optimizer == "sgd" else "adam"
 
     def rate(lr: float, algo: str) -> float:
+        lr *= round_scale(cfg, server_round)
         return lr / cfg.max_grad_norm if (cfg.dp and algo == "sgd") else lr
 
     groups = ({"params": adapter, "lr": rate(cfg.lr, adapter_algo), "algo": adapter_algo},
@@ -111,10 +134,9 @@ class GroupOptimizer(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(model: torch.nn.Module, cfg: FedConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(parameter_groups(model, cfg))
-    return GroupOptimizer(parameter_groups(model, cfg))
+def make_optimizer(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg, server_round)
+    return torch.optim.Adam(groups) if cfg.optimizer == "adam" else GroupOptimizer(groups)
 
 
 def clip_norms(optimizer: torch.optim.Optimizer, cfg: FedConfig) -> float | list[float]:
@@ -145,10 +167,22 @@ def train_local(
     # cfg.seed reproduces non-private runs; under DP no draw may be predictable from the
     # server's config: noise and Poisson batches come from client/secure_random.py
     torch.manual_seed(secure_random.secret_seed() if cfg.dp else cfg.seed * 100_003 + server_round)
+    paused = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n] \
+        if head_only(cfg, server_round) else []
+    for p in paused:  # not stepped, no per-example gradient, no share of the clipping norm
+        p.requires_grad_(False)
+    try:
+        return _train(model, dataset, cfg, ledger, plan, server_round)
+    finally:
+        for p in paused:
+            p.requires_grad_(True)
+
+
+def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     full_model = model
     model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg))
     model.train()
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, server_round)
     loader = DataLoader(dataset, batch_size=plan.batch_size if plan is not None else cfg.batch_size, shuffle=True)
     if not cfg.dp:
         losses = [_step(model, batch, optimizer) for _ in range(cfg.local_epochs) for batch in loader]
@@ -156,14 +190,15 @@ def train_local(
         return TrainResult(_mean(losses), len(losses))
 
     assert ledger is not None and plan is not None
+    norms = clip_norms(optimizer, cfg)
     engine = secure_random.privacy_engine(accountant="rdp")
     engine.accountant.load_state_dict(ledger.accountant().state_dict())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Using a non-full backward hook.*")
         dp_model, dp_optimizer, dp_loader = secure_random.make_private(  # Poisson sampling, CSPRNG
             engine, module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=plan.noise_multiplier, max_grad_norm=clip_norms(optimizer, cfg),
-            clipping="flat" if cfg.clipping == "flat" else "per_layer",
+            noise_multiplier=plan.noise_multiplier, max_grad_norm=norms,
+            clipping="per_layer" if isinstance(norms, list) else "flat",
         )
     losses = []
     try:

@@ -18,7 +18,7 @@ from rich.console import Console
 from client.policy import FAILURE_CODES, DeclineCode
 from rich.table import Table
 
-ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "majority_accuracy", "epsilon_max", "clients_trained",
+ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "train_loss", "majority_accuracy", "epsilon_max", "clients_trained",
                 "clients_declined", "clients_failed", "bytes_uploaded", "seconds"]
 
 
@@ -96,13 +96,36 @@ class RunReport:
         self.write()
         return row
 
+    def add_training_losses(self, folder: Path) -> None:
+        """Simulation only: the owners' local training-loss logs (client_app.log_training,
+        on this machine) averaged per round, and a warning when the last is not below the
+        first. A deployed server never sees them."""
+        per_round: dict[int, list[float]] = {}
+        for path in sorted(folder.glob("*.train.csv")):
+            latest = {}  # a rerun into the same folder appends: its rounds win
+            for line in path.read_text().splitlines()[1:]:
+                rnd, loss, _ = line.split(",")
+                latest[int(rnd)] = float(loss)
+            for rnd, loss in latest.items():
+                if math.isfinite(loss):
+                    per_round.setdefault(rnd, []).append(loss)
+        for row in self.rounds:
+            losses = per_round.get(row["round"])
+            if losses:
+                row["train_loss"] = sum(losses) / len(losses)
+        seen = [r["train_loss"] for r in self.rounds if r.get("train_loss") is not None]
+        if len(seen) > 1 and seen[-1] >= seen[0]:
+            self.warnings.append(f"mean training loss did not fall: {seen[0]:.3f} in the first round, "
+                                 f"{seen[-1]:.3f} in the last")
+        self.write()
+
     def summary(self) -> dict:
         last = self.rounds[-1] if self.rounds else {}
         return {
             "config": self.config,
             "rounds": self.rounds,
             "labels": self.labels,
-            "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "loss", "majority_accuracy")}
+            "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "loss", "train_loss", "majority_accuracy")}
             | {"recall": {name: last.get(f"recall_{name}") for name in self.labels}},
             "clients": self.clients,
             "owners": self.owners,

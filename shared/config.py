@@ -24,7 +24,7 @@ class FedConfig:
     lora_rank: int = 4
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
-    lora_layers: int = 0  # adapt only the top N transformer layers (0: all); backward stops below them
+    lora_layers: int = 2  # adapt only the top N transformer layers (0: all); the frozen rest runs once per dataset
     max_length: int = 0  # 0: from the data (95th percentile of token counts, bucketed); N: exactly N tokens
     max_length_cap: int = 256  # the longest length the data-driven choice may pick (time and memory budget)
     # data
@@ -45,16 +45,18 @@ class FedConfig:
     rounds: int = 8
     local_epochs: int = 1
     batch_size: int = 128  # expected (Poisson) batch size under DP
-    optimizer: str = "adam"  # "adam" for both; "mixed": SGD+momentum on the head, Adam on the adapter; "sgd" for both
-    lr: float = 0.03  # LoRA adapter tensors
-    head_lr: float = 0.2  # task head
+    optimizer: str = "mixed"  # "mixed": SGD+momentum on the head, Adam on the adapter; "adam" or "sgd" for both
+    lr: float = 0.005  # LoRA adapter tensors
+    head_lr: float = 4.0  # task head (SGD under DP: per unit of clipped gradient)
+    head_rounds: int = 2  # LP-FT: the first N rounds train only the task head
+    lr_decay: str = "cosine"  # "cosine": both rates decay to 0.1x over the rounds; "none"
     seed: int = 0
     # privacy
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 1e-5
-    max_grad_norm: float = 0.3
-    clipping: str = "flat"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
+    max_grad_norm: float = 1.0
+    clipping: str = "split"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
     # secure aggregation
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
@@ -78,6 +80,10 @@ class FedConfig:
             raise FedLoraError(f"--optimizer must be 'mixed', 'sgd' or 'adam', got {self.optimizer!r}")
         if self.clipping not in ("split", "flat"):
             raise FedLoraError(f"--clipping must be 'split' or 'flat', got {self.clipping!r}")
+        if self.lr_decay not in ("none", "cosine"):
+            raise FedLoraError(f"--lr-decay must be 'none' or 'cosine', got {self.lr_decay!r}")
+        if self.head_rounds < 0:
+            raise FedLoraError("--head-rounds must be 0 or more")
         if self.partition != "iid" and not self.partition.startswith("dirichlet:"):
             raise FedLoraError(f"--partition must be 'iid' or 'dirichlet:ALPHA', got {self.partition!r}")
         if self.partition.startswith("dirichlet:"):

@@ -111,6 +111,8 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
     if not reports:
         raise RuntimeError("the simulation ended before the server finished; rerun with --verbose for Flower's logs")
     report = reports[0]
+    if cfg.output:
+        report.add_training_losses(Path(cfg.output) / "ledgers")
     if cfg.local_baseline:
         add_local_baselines(report, cfg, console)
     return report.summary()

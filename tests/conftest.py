@@ -13,4 +13,5 @@ from shared.config import FedConfig  # noqa: E402
 def tiny_cfg(tmp_path) -> FedConfig:
     """A 3-brand synthetic federation on a random-weight 2-layer BERT."""
     return FedConfig(model="tiny-bert", brands=3, num_clients=3, examples_per_brand=64, test_size=60,
-                     rounds=2, batch_size=16, lr=5e-3, max_length=32, output=str(tmp_path / "run"))
+                     rounds=2, batch_size=16, lr=5e-3, max_length=32, output=str(tmp_path / "run"),
+                     head_rounds=0)  # the adapter trains from round 1 (LP-FT has its own test)

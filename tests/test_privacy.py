@@ -152,3 +152,36 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_cfg, monkeypatch):
     result = train_local(model, small, tiny_cfg, ledger, plan, server_round=1)
     assert result.steps == plan.steps_per_round
     assert ledger.epsilon() > 0
+
+
+def test_lp_ft_rounds_train_the_head_alone_then_the_adapter_joins(tiny_cfg):
+    """--head-rounds: a DP linear probe first (adapter untouched, not in the clipped norm),
+    then fine-tuning; the ledger counts both kinds of round the same way."""
+    cfg = tiny_cfg.replace(rounds=4, head_rounds=2)
+    model, ds = _dataset(cfg)
+    plan = plan_privacy(cfg, len(ds))
+    ledger = PrivacyLedger(cfg.delta, cfg.target_epsilon)
+    for rnd, adapter_moves in ((1, False), (2, False), (3, True)):
+        before = trainable_state(model)
+        train_local(model, ds, cfg, ledger, plan, server_round=rnd)
+        after = trainable_state(model)
+        moved = {k for k in before if not (before[k] == after[k]).all()}
+        assert any("modules_to_save" in k for k in moved), f"round {rnd}: head did not move"
+        assert any("lora_B" in k for k in moved) == adapter_moves, f"round {rnd}: adapter moved={not adapter_moves}"
+        assert all(p.requires_grad for k, p in model.named_parameters() if "lora_B" in k)
+    reference = RDPAccountant()
+    for _ in range(3 * plan.steps_per_round):
+        reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    assert ledger.epsilon() == pytest.approx(reference.get_epsilon(cfg.delta, alphas=ALPHAS), rel=1e-9)
+
+
+def test_round_rates_decay_by_cosine_and_head_rounds_never_exceed_half_the_run(tiny_cfg):
+    from client.trainer import head_only, round_scale
+
+    cfg = tiny_cfg.replace(rounds=8, lr_decay="cosine", head_rounds=2)
+    scales = [round_scale(cfg, r) for r in range(1, 9)]
+    assert scales[0] == 1.0 and scales[-1] == pytest.approx(0.1) and scales == sorted(scales, reverse=True)
+    assert round_scale(cfg.replace(lr_decay="none"), 8) == 1.0
+    assert [head_only(cfg, r) for r in (1, 2, 3)] == [True, True, False]
+    assert not head_only(cfg.replace(rounds=1), 1) and head_only(cfg.replace(rounds=3), 1)
+    assert not head_only(cfg.replace(rounds=3), 2)

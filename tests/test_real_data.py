@@ -76,7 +76,8 @@ def test_scores_report_per_class_recall_and_majority():
 
 
 def _tiny(lora_layers):
-    cfg = FedConfig(model="tiny-bert", lora_layers=lora_layers, batch_size=8, brands=2, examples_per_brand=32)
+    cfg = FedConfig(model="tiny-bert", lora_layers=lora_layers, batch_size=8, brands=2, examples_per_brand=32,
+                    head_rounds=0)
     model, tok = build_model(cfg, 2)
     data = encode(client_partition(cfg.replace(partition_by="brand"), 0), ["negative", "positive"], tok, 32)
     return cfg, model, data
