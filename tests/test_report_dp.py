@@ -39,3 +39,26 @@ def test_report_names_clients_by_node_and_counts_failure_codes(tmp_path):
     c = report.clients
     assert c["11"]["num_examples"] is None and c["11"]["rounds_trained"] == 1
     assert c["13"]["declined_code"] == DeclineCode.DATA and c["13"]["epsilon"] == 0.0
+
+
+def test_owners_training_losses_stay_local_and_a_loss_that_does_not_fall_is_a_warning(tmp_path):
+    from client.client_app import log_training
+    from client.trainer import TrainResult
+
+    ledgers = tmp_path / "ledgers"
+    ledgers.mkdir()
+    a, b = ledgers / "partition-0000.json", ledgers / "partition-0001.json"
+    for rnd, (la, lb) in enumerate([(1.0, 0.8), (0.6, 0.4)], start=1):
+        log_training(a, rnd, TrainResult(la, 3))
+        log_training(b, rnd, TrainResult(lb, 3))
+    log_training(a, 2, TrainResult(0.2, 3))  # a rerun into the same folder: its round wins
+    report = RunReport(tmp_path, {})
+    report.rounds = [{"round": 1}, {"round": 2}]
+    report.add_training_losses(ledgers)
+    assert np.allclose([r["train_loss"] for r in report.rounds], [0.9, 0.3])
+    assert not report.warnings and report.summary()["final"]["train_loss"] == report.rounds[-1]["train_loss"]
+
+    log_training(a, 3, TrainResult(2.0, 3))
+    report.rounds.append({"round": 3})
+    report.add_training_losses(ledgers)
+    assert report.warnings and "did not fall" in report.warnings[-1]
