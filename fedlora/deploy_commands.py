@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedlora.flags import add_config_flags, config_from_args
 from shared.errors import FedLoraError
 
 APP_PACKAGES = ("fedlora", "server", "client", "shared", "simulations")
@@ -125,8 +126,6 @@ def _toml_value(value) -> str:
 
 
 def deploy_config(args: argparse.Namespace):
-    from fedlora.cli import config_from_args
-
     if args.num_clients is None:
         raise FedLoraError("--num-clients is required: the number of client agents (SuperNodes) to wait for")
     if not args.test_data:
@@ -202,8 +201,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------
 
 def add_deploy_commands(sub) -> None:
-    from fedlora.cli import _add_config_flags
-
     certs = sub.add_parser("certs", help="create a CA, a server certificate and SuperNode keys (quick start)")
     certs.add_argument("--out", required=True, help="folder for ca.crt, server.crt/.key and supernodes/client-N(.pub)")
     certs.add_argument("--server-name", required=True, help="DNS name or IP the client agents use to reach the server")
@@ -246,7 +243,7 @@ def add_deploy_commands(sub) -> None:
     cli.set_defaults(func=_cmd_client)
 
     run = sub.add_parser("run", help="submit a federated run to a server and stream its progress")
-    _add_config_flags(run)
+    add_config_flags(run)
     run.add_argument("--superlink", required=True, help="the server's HOST:PORT")
     run.add_argument("--root-cert", default=None, help="the federation's CA certificate (ca.crt)")
     run.add_argument("--no-check-test-data", dest="check_test_data", action="store_false",
