@@ -77,6 +77,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return run_agent(args.superlink, Path(args.root_cert) if args.root_cert else None,
                      Path(args.node_key) if args.node_key else None, Path(args.data),
                      text_column=args.text_column, label_column=args.label_column,
+                     profile_column=args.profile_column, offer_column=args.offer_column,
                      target_epsilon=args.target_epsilon, ledger=Path(args.ledger) if args.ledger else None,
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
                      insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
@@ -231,6 +232,8 @@ def add_deploy_commands(sub) -> None:
     cli.add_argument("--data", required=True, help="CSV, TSV, JSONL or Parquet with this owner's examples (stays here)")
     cli.add_argument("--text-column", default="text")
     cli.add_argument("--label-column", default="label")
+    cli.add_argument("--profile-column", default="profile", help="click: the customer profile column")
+    cli.add_argument("--offer-column", default="offer", help="click: the offer column")
     cli.add_argument("--target-epsilon", type=float, default=None,
                      help="this owner's epsilon budget over all rounds; tightens the operator's, never loosens it")
     cli.add_argument("--ledger", default=None, help="epsilon ledger file (default ~/.fedlora/ledgers/ledger-<hash>.json)")

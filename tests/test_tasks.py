@@ -94,3 +94,15 @@ def test_flag_help_comes_from_the_config_fields():
 
     text = " ".join(build_parser()._subparsers._group_actions[0].choices["simulate"].format_help().split())
     assert "profile + offer -> clicked 0/1" in text and "click: the offer text column" in text
+
+
+def test_client_agent_accepts_a_click_file_and_refuses_one_that_fits_no_task(tmp_path):
+    from client.agent import validate_data
+
+    train, _ = synthetic_clicks(2, 30, 10, seed=0)
+    train.to_csv(tmp_path / "clicks.csv", index=False)
+    assert validate_data(tmp_path / "clicks.csv", "text", "label") == 60
+    train.rename(columns={"offer": "promo"}).to_csv(tmp_path / "renamed.csv", index=False)
+    assert validate_data(tmp_path / "renamed.csv", "text", "label", offer_column="promo") == 60
+    with pytest.raises(FedLoraError, match="neither a 'text' column .classify. nor 'profile' and 'offer'"):
+        validate_data(tmp_path / "renamed.csv", "text", "label")
