@@ -54,7 +54,7 @@ class RunReport:
         return get_task(str(self.config.get("task", "classify")))
 
     def round_fields(self) -> list[str]:
-        recall = [f"recall_{n}" for n in self.labels] if "recall" in evaluation_keys(self) else []
+        recall = [f"recall_{n}" for n in self.labels] if self.task.per_class_recall else []
         return ["round", *self.task.metrics, *RUN_FIELDS, *recall]
 
     @classmethod
@@ -113,7 +113,7 @@ class RunReport:
             "labels": self.labels,
             "task": self.task.name,
             "final": {k: last.get(k) for k in self.task.metrics}
-            | ({"recall": {name: last.get(f"recall_{name}") for name in self.labels}} if "recall" in evaluation_keys(self) else {}),
+            | ({"recall": {name: last.get(f"recall_{name}") for name in self.labels}} if self.task.per_class_recall else {}),
             "clients": self.clients,
             "owners": self.owners,
             "warnings": self.warnings,
@@ -169,7 +169,7 @@ class RunReport:
             table.add_row(*[_cell(r.get(c), 1 if c == "seconds" else 2 if c == "epsilon_max" else 3) for c in columns])
         console.print(table)
         last = self.rounds[-1] if self.rounds else {}
-        if self.labels and last and "recall" in evaluation_keys(self):
+        if self.labels and last and self.task.per_class_recall:
             recall = ", ".join(f"{n} {last.get(f'recall_{n}', float('nan')):.2f}" for n in self.labels)
             console.print(f"recall per class: {recall}; majority-class accuracy {last.get('majority_accuracy', float('nan')):.3f}")
         for warning in self.warnings[-3:]:
@@ -182,11 +182,6 @@ _LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "majority_accuracy": 
 
 def _nan(value) -> float:
     return float("nan") if value is None else value
-
-
-def evaluation_keys(report: RunReport) -> set[str]:
-    """Whether the task reports per-class recall (classification) besides its metrics."""
-    return {"recall"} if report.task.name == "classify" else set()
 
 
 def status_line(task: Task, row: dict) -> str:

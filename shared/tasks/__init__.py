@@ -34,6 +34,7 @@ class Task:
     plot: tuple[str, ...] = ()  # metrics drawn against epsilon (all in [0, 1])
     reference: str = ""  # a trivial predictor's score, drawn as a dotted line
     labels: tuple[str, ...] | None = None  # a fixed label set; None: from the data or --labels
+    per_class_recall: bool = False  # scores carry "recall" per label (table note, metrics.csv columns)
 
     def model_class(self) -> Any:
         import transformers

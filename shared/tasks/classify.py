@@ -50,4 +50,5 @@ TASK = Task(
     table={"accuracy": "acc", "macro_f1": "macro-F1", "loss": "loss"},
     plot=("accuracy", "macro_f1"),
     reference="majority_accuracy",
+    per_class_recall=True,
 )
