@@ -38,15 +38,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def validate_data(path: Path, text_column: str, label_column: str) -> int:
-    """Read the owner's file once, up front: a clear error now beats one mid-round."""
+def validate_data(path: Path, text_column: str, label_column: str,
+                  profile_column: str = "profile", offer_column: str = "offer") -> int:
+    """Read the owner's file once, up front: a clear error now beats one mid-round. The
+    task is the server's choice, so the file must fit one: a text column (classify) or a
+    profile and an offer column (click)."""
     from shared.config import FedConfig
     from shared.data import normalize, read_table
 
-    cfg = FedConfig(text_column=text_column, label_column=label_column)
-    frame = normalize(read_table(str(path)), cfg, str(path))
+    df = read_table(str(path))
+    task = "click" if text_column not in df.columns and {profile_column, offer_column} <= set(df.columns) else "classify"
+    if task == "classify" and text_column not in df.columns:
+        raise FedLoraError(f"{path} has neither a {text_column!r} column (classify) nor {profile_column!r} and "
+                           f"{offer_column!r} columns (click); columns: {', '.join(map(str, df.columns))}")
+    cfg = FedConfig(task=task, text_column=text_column, label_column=label_column,
+                    profile_column=profile_column, offer_column=offer_column)
+    frame = normalize(df, cfg, str(path))
     if frame["text"].str.strip().eq("").all():
-        raise FedLoraError(f"{path}: column {text_column!r} has no text")
+        raise FedLoraError(f"{path}: column {text_column if task == 'classify' else profile_column!r} has no text")
     return len(frame)
 
 
@@ -69,7 +78,8 @@ def node_config_toml(values: dict[str, object]) -> str:
 
 
 def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, data: Path,
-              text_column: str = "text", label_column: str = "label", target_epsilon: float | None = None,
+              text_column: str = "text", label_column: str = "label", profile_column: str = "profile",
+              offer_column: str = "offer", target_epsilon: float | None = None,
               ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
               insecure: bool = False, validate: bool = True, max_retries: int | None = None,
               policy: "OwnerPolicy | None" = None, roster: Path | None = None,
@@ -89,7 +99,7 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
 
     policy = policy or OwnerPolicy()
     if validate:
-        rows = validate_data(data, text_column, label_column)
+        rows = validate_data(data, text_column, label_column, profile_column, offer_column)
         print(f"fedlora client: {data.name}: {rows} examples", file=sys.stderr, flush=True)
     ledger = Path(ledger).expanduser().resolve() if ledger else default_ledger(data)
     ledger.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +107,7 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
     home.mkdir(parents=True, exist_ok=True)
 
     values: dict[str, object] = {"data-path": str(data), "text-column": text_column, "label-column": label_column,
+                                 "profile-column": profile_column, "offer-column": offer_column,
                                  "ledger-path": str(ledger), "num-threads": int(num_threads),
                                  "log-path": str(home / "client.log"), **policy.to_node_config()}
     if target_epsilon is not None:

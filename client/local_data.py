@@ -18,6 +18,8 @@ def client_frame(cfg: FedConfig, node_config: Mapping) -> tuple[pd.DataFrame, st
         owner_cfg = cfg.replace(
             text_column=str(node_config.get("text-column", cfg.text_column)),
             label_column=str(node_config.get("label-column", cfg.label_column)),
+            profile_column=str(node_config.get("profile-column", cfg.profile_column)),
+            offer_column=str(node_config.get("offer-column", cfg.offer_column)),
         )
         return normalize(read_table(path), owner_cfg, path), path
     if "partition-id" not in node_config:

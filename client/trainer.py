@@ -21,6 +21,7 @@ from shared.config import FedConfig
 from shared.data import trim_padding
 from shared.frozen_prefix import training_view
 from shared.lora import model_key
+from shared.tasks import Task, get_task
 
 
 @dataclass
@@ -29,7 +30,7 @@ class TrainResult:
     steps: int
 
 
-def _step(model: torch.nn.Module, batch, optimizer) -> float | None:
+def _step(model: torch.nn.Module, batch, optimizer, task: Task) -> float | None:
     inputs, attention_mask, labels = batch
     optimizer.zero_grad(set_to_none=True)
     if len(labels) == 0:
@@ -42,7 +43,7 @@ def _step(model: torch.nn.Module, batch, optimizer) -> float | None:
             optimizer.step()
         return None
     inputs, attention_mask = trim_padding(inputs, attention_mask)
-    loss = model(inputs, attention_mask=attention_mask, labels=labels).loss
+    loss = task.loss(model, inputs, attention_mask, labels)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -179,13 +180,14 @@ def train_local(
 
 
 def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
+    task = get_task(cfg)
     full_model = model
     model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg))
     model.train()
     optimizer = make_optimizer(model, cfg, server_round)
     loader = DataLoader(dataset, batch_size=plan.batch_size if plan is not None else cfg.batch_size, shuffle=True)
     if not cfg.dp:
-        losses = [_step(model, batch, optimizer) for _ in range(cfg.local_epochs) for batch in loader]
+        losses = [_step(model, batch, optimizer, task) for _ in range(cfg.local_epochs) for batch in loader]
         full_model.eval()
         return TrainResult(_mean(losses), len(losses))
 
@@ -206,7 +208,7 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
             for _ in range(cfg.local_epochs):
                 for batch in dp_loader:
-                    losses.append(_step(dp_model, batch, dp_optimizer))
+                    losses.append(_step(dp_model, batch, dp_optimizer, task))
     finally:
         dp_model._close()  # remove hooks and per-sample grads from the shared model
     ledger.record(engine.accountant, server_round)

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fedlora.flags import add_config_flags, config_from_args
 from shared.errors import FedLoraError
 
 APP_PACKAGES = ("fedlora", "server", "client", "shared", "simulations")
@@ -76,6 +77,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return run_agent(args.superlink, Path(args.root_cert) if args.root_cert else None,
                      Path(args.node_key) if args.node_key else None, Path(args.data),
                      text_column=args.text_column, label_column=args.label_column,
+                     profile_column=args.profile_column, offer_column=args.offer_column,
                      target_epsilon=args.target_epsilon, ledger=Path(args.ledger) if args.ledger else None,
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
                      insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
@@ -125,8 +127,6 @@ def _toml_value(value) -> str:
 
 
 def deploy_config(args: argparse.Namespace):
-    from fedlora.cli import config_from_args
-
     if args.num_clients is None:
         raise FedLoraError("--num-clients is required: the number of client agents (SuperNodes) to wait for")
     if not args.test_data:
@@ -202,8 +202,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------
 
 def add_deploy_commands(sub) -> None:
-    from fedlora.cli import _add_config_flags
-
     certs = sub.add_parser("certs", help="create a CA, a server certificate and SuperNode keys (quick start)")
     certs.add_argument("--out", required=True, help="folder for ca.crt, server.crt/.key and supernodes/client-N(.pub)")
     certs.add_argument("--server-name", required=True, help="DNS name or IP the client agents use to reach the server")
@@ -234,6 +232,8 @@ def add_deploy_commands(sub) -> None:
     cli.add_argument("--data", required=True, help="CSV, TSV, JSONL or Parquet with this owner's examples (stays here)")
     cli.add_argument("--text-column", default="text")
     cli.add_argument("--label-column", default="label")
+    cli.add_argument("--profile-column", default="profile", help="click: the customer profile column")
+    cli.add_argument("--offer-column", default="offer", help="click: the offer column")
     cli.add_argument("--target-epsilon", type=float, default=None,
                      help="this owner's epsilon budget over all rounds; tightens the operator's, never loosens it")
     cli.add_argument("--ledger", default=None, help="epsilon ledger file (default ~/.fedlora/ledgers/ledger-<hash>.json)")
@@ -246,7 +246,7 @@ def add_deploy_commands(sub) -> None:
     cli.set_defaults(func=_cmd_client)
 
     run = sub.add_parser("run", help="submit a federated run to a server and stream its progress")
-    _add_config_flags(run)
+    add_config_flags(run)
     run.add_argument("--superlink", required=True, help="the server's HOST:PORT")
     run.add_argument("--root-cert", default=None, help="the federation's CA certificate (ca.crt)")
     run.add_argument("--no-check-test-data", dest="check_test_data", action="store_false",

@@ -17,9 +17,10 @@ from rich.console import Console
 
 from client.policy import FAILURE_CODES, DeclineCode
 from rich.table import Table
+from shared.tasks import Task, get_task
 
-ROUND_FIELDS = ["round", "accuracy", "macro_f1", "loss", "train_loss", "majority_accuracy", "epsilon_max", "clients_trained",
-                "clients_declined", "clients_failed", "bytes_uploaded", "seconds"]
+# every round's row: "round", then the task's metrics (shared/tasks/), then these
+RUN_FIELDS = ["train_loss", "epsilon_max", "clients_trained", "clients_declined", "clients_failed", "bytes_uploaded", "seconds"]
 
 
 def _finite(x):
@@ -47,6 +48,14 @@ class RunReport:
     labels: list[str] = field(default_factory=list)
     owners: dict[str, dict] = field(default_factory=dict)  # per owner: federated (and local-only) scores
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def task(self) -> Task:
+        return get_task(str(self.config.get("task", "classify")))
+
+    def round_fields(self) -> list[str]:
+        recall = [f"recall_{n}" for n in self.labels] if self.task.per_class_recall else []
+        return ["round", *self.task.metrics, *RUN_FIELDS, *recall]
 
     @classmethod
     def resume(cls, output: Path, config: dict) -> "RunReport":
@@ -77,7 +86,7 @@ class RunReport:
                 entry["declined_code"] = int(m.get("declined-code", DeclineCode.BUDGET))
         eps = [float(m["epsilon"]) for m in client_metrics if "epsilon" in m]
         row = {
-            "round": server_round, **{k: evaluation.get(k) for k in ("accuracy", "macro_f1", "loss", "majority_accuracy")},
+            "round": server_round, **{k: evaluation.get(k) for k in self.task.metrics},
             **{f"recall_{name}": r for name, r in zip(self.labels, evaluation.get("recall", []))},
             "epsilon_max": _finite(max(eps)) if eps else None,
             "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained) - len(errored),
@@ -125,8 +134,9 @@ class RunReport:
             "config": self.config,
             "rounds": self.rounds,
             "labels": self.labels,
-            "final": {k: last.get(k) for k in ("accuracy", "macro_f1", "loss", "train_loss", "majority_accuracy")}
-            | {"recall": {name: last.get(f"recall_{name}") for name in self.labels}},
+            "task": self.task.name,
+            "final": {k: last.get(k) for k in (*self.task.metrics, "train_loss")}
+            | ({"recall": {name: last.get(f"recall_{name}") for name in self.labels}} if self.task.per_class_recall else {}),
             "clients": self.clients,
             "owners": self.owners,
             "warnings": self.warnings,
@@ -137,7 +147,7 @@ class RunReport:
         _atomic_write(self.output / "summary.json", json.dumps(self.summary(), indent=2))
         tmp = self.output / "metrics.csv.tmp"
         with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=ROUND_FIELDS + [f"recall_{n}" for n in self.labels])
+            writer = csv.DictWriter(fh, fieldnames=self.round_fields())
             writer.writeheader()
             writer.writerows({k: r.get(k) for k in writer.fieldnames} for r in self.rounds)
         os.replace(tmp, self.output / "metrics.csv")
@@ -150,11 +160,11 @@ class RunReport:
 
         rounds = [r["round"] for r in self.rounds]
         fig, ax1 = plt.subplots(figsize=(6.4, 4))
-        ax1.plot(rounds, [r["accuracy"] for r in self.rounds], "o-", color="tab:blue", label="accuracy")
-        ax1.plot(rounds, [r.get("macro_f1") for r in self.rounds], "^-", color="tab:green", label="macro-F1")
-        majority = self.rounds[-1].get("majority_accuracy") if self.rounds else None
-        if majority is not None:
-            ax1.axhline(majority, color="grey", linestyle=":", label="majority class")
+        for metric, style in zip(self.task.plot, ("o-", "^-", "v-", "d-")):
+            ax1.plot(rounds, [_nan(r.get(metric)) for r in self.rounds], style, label=_LABELS.get(metric, metric))
+        reference = self.rounds[-1].get(self.task.reference) if self.rounds and self.task.reference else None
+        if reference is not None:
+            ax1.axhline(reference, color="grey", linestyle=":", label=_LABELS.get(self.task.reference, self.task.reference))
         ax1.set_xlabel("round")
         ax1.set_ylabel("held-out score")
         ax1.set_ylim(0, 1)
@@ -164,7 +174,7 @@ class RunReport:
                  "s--", color="tab:red", label="max client epsilon")
         ax2.set_ylabel("max client epsilon", color="tab:red")
         ax2.set_ylim(bottom=0)
-        ax1.set_title("fedlora: accuracy and privacy spent per round")
+        ax1.set_title(f"fedlora {self.task.name}: held-out scores and privacy spent per round")
         fig.tight_layout()
         path = self.output / "accuracy_epsilon.png"
         fig.savefig(path, dpi=120)
@@ -174,20 +184,34 @@ class RunReport:
     def print_table(self, console: Console | None = None) -> None:
         """Fits an 80-column terminal: the full history is in metrics.csv and summary.json."""
         console = console or Console()
-        table = Table(title="fedlora run")
-        columns = {"round": "round", "accuracy": "acc", "macro_f1": "macro-F1", "loss": "loss",
-                   "epsilon_max": "eps max", "clients_trained": "clients", "seconds": "sec"}
+        table = Table(title=f"fedlora run ({self.task.name})")
+        columns = {"round": "round", **self.task.table, "epsilon_max": "eps max", "clients_trained": "clients", "seconds": "sec"}
         for header in columns.values():
             table.add_column(header, justify="right")
         for r in self.rounds:
             table.add_row(*[_cell(r.get(c), 1 if c == "seconds" else 2 if c == "epsilon_max" else 3) for c in columns])
         console.print(table)
         last = self.rounds[-1] if self.rounds else {}
-        if self.labels and last:
+        if self.labels and last and self.task.per_class_recall:
             recall = ", ".join(f"{n} {last.get(f'recall_{n}', float('nan')):.2f}" for n in self.labels)
             console.print(f"recall per class: {recall}; majority-class accuracy {last.get('majority_accuracy', float('nan')):.3f}")
         for warning in self.warnings[-3:]:
             console.print(f"[yellow]warning: {warning}")
+
+
+_LABELS = {"accuracy": "accuracy", "macro_f1": "macro-F1", "majority_accuracy": "majority class", "roc_auc": "ROC-AUC",
+           "top_decile_click_rate": "click rate, top decile", "click_rate": "click rate, all"}
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else value
+
+
+def status_line(task: Task, row: dict) -> str:
+    """The progress bar's line: the task's table metrics and epsilon."""
+    eps = f"{row['epsilon_max']:.2f}" if row.get("epsilon_max") is not None else "off"
+    cells = [f"{header} {row[k]:.3f}" for k, header in task.table.items() if isinstance(row.get(k), float)]
+    return "  ".join(cells + [f"eps {eps}"])
 
 
 def _cell(value, digits: int) -> str:

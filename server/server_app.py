@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from server.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from server.report import RunReport
+from server.report import RunReport, status_line
 from server.strategy import FedLoraStrategy, with_client_id
 from shared.config import FedConfig
 from shared.data import choose_max_length, encode, load_federation, num_partitions, row_owners
@@ -25,6 +25,7 @@ from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
 from shared.lora import cached_model, load_trainable_state, model_key, trainable_state
 from shared.params import from_record, to_record
+from shared.tasks import get_task
 
 app = ServerApp()
 
@@ -59,7 +60,7 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
         cfg = cfg.replace(labels=json.dumps(fed.labels))
     output = Path(cfg.output)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test["text"], tokenizer, cfg, model), "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data")
     # per-owner scores when the test rows name their owner (the partition column)
     groups = row_owners(cfg, fed.test)
 
@@ -88,11 +89,10 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
             if new_arrays is not None:
                 arrays = new_arrays
             load_trainable_state(model, from_record(arrays))
-            evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups)
-            save_checkpoint(model, output, server_round)
+            evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
+            save_checkpoint(model, output, server_round, cfg.to_run_config())
             row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0)
-            eps = f"{row['epsilon_max']:.2f}" if row["epsilon_max"] is not None else "off"
-            progress.update(task, advance=1, status=f"acc {row['accuracy']:.3f}  F1 {row['macro_f1']:.3f}  eps {eps}")
+            progress.update(task, advance=1, status=status_line(get_task(cfg), row))
     report.write()
     report.plot()
     report.print_table(console)

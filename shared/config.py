@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from shared.errors import FedLoraError
@@ -18,25 +18,29 @@ from shared.errors import FedLoraError
 
 @dataclass
 class FedConfig:
+    # task (shared/tasks/): what the model predicts from which columns
+    task: str = field(default="classify", metadata={"help": "classify (default: text -> label) or click (profile + offer -> clicked 0/1)"})
     # model and adapter
-    model: str = "minilm"
-    lora: str = "ffa"  # "ffa" (A frozen from a shared seed, only B trains) or "plain"
+    model: str = field(default="minilm", metadata={"help": "minilm (default), smollm2-135m, tiny-bert, or a local model folder / HF id"})
+    lora: str = field(default="ffa", metadata={"help": "ffa (A frozen from a shared seed, only B trains) or plain"})
     lora_rank: int = 4
     lora_alpha: int = 16
     lora_targets: str = ""  # comma separated; empty: the model's attention q/v projections
-    lora_layers: int = 2  # adapt only the top N transformer layers (0: all); the frozen rest runs once per dataset
-    max_length: int = 0  # 0: from the data (95th percentile of token counts, bucketed); N: exactly N tokens
-    max_length_cap: int = 256  # the longest length the data-driven choice may pick (time and memory budget)
+    lora_layers: int = field(default=0, metadata={"help": "adapt only the top N transformer layers; the frozen rest runs once per dataset and is cached (0: all)"})
+    max_length: int = field(default=0, metadata={"help": "tokens per text; 0: the 95th percentile of each owner's data, bucketed"})
+    max_length_cap: int = field(default=256, metadata={"help": "longest length the data-driven choice may pick"})
     # data
-    data: str = ""  # empty: the synthetic marketing federation
-    test_data: str = ""
-    text_column: str = "text"
-    label_column: str = "label"
-    partition_by: str = "brand"  # natural partitioning: one client per value; empty: use `partition`
-    partition: str = "iid"  # "iid" or "dirichlet:ALPHA" when partition_by is empty
-    labels: str = ""  # JSON list of the global label names; derived from the data when empty
-    min_client_examples: int = 20  # simulation: owners with fewer rows are left out (and counted)
-    brands: int = 6  # synthetic data only: one data owner per brand
+    data: str = field(default="", metadata={"help": "CSV, TSV, JSONL or Parquet of training data (default: synthetic marketing data for --task)"})
+    test_data: str = field(default="", metadata={"help": "held-out file for server evaluation (default: 20%% of --data)"})
+    text_column: str = field(default="text", metadata={"help": "classify: the column with the text (default: text)"})
+    label_column: str = field(default="label", metadata={"help": "the label column; click: 0/1 (default: label)"})
+    profile_column: str = field(default="profile", metadata={"help": "click: the customer profile and history column (default: profile)"})
+    offer_column: str = field(default="offer", metadata={"help": "click: the offer text column (default: offer)"})
+    partition_by: str = field(default="brand", metadata={"help": "natural partitioning: one client per value of this column"})
+    partition: str = field(default="iid", metadata={"help": "iid or dirichlet:ALPHA (used when --partition-by is not set)"})
+    labels: str = field(default="", metadata={"help": "JSON list fixing the global label set (default: from the training data)"})
+    min_client_examples: int = field(default=20, metadata={"help": "simulation: leave out owners with fewer rows (default: 20)"})
+    brands: int = field(default=6, metadata={"help": "synthetic data: number of brands (data owners)"})
     examples_per_brand: int = 800  # synthetic data only
     test_size: int = 800  # synthetic data only
     # federation
@@ -45,18 +49,18 @@ class FedConfig:
     rounds: int = 8
     local_epochs: int = 1
     batch_size: int = 128  # expected (Poisson) batch size under DP
-    optimizer: str = "mixed"  # "mixed": SGD+momentum on the head, Adam on the adapter; "adam" or "sgd" for both
-    lr: float = 0.005  # LoRA adapter tensors
-    head_lr: float = 4.0  # task head (SGD under DP: per unit of clipped gradient)
-    head_rounds: int = 2  # LP-FT: the first N rounds train only the task head
-    lr_decay: str = "cosine"  # "cosine": both rates decay to 0.1x over the rounds; "none"
+    optimizer: str = field(default="mixed", metadata={"help": "mixed: SGD+momentum on the head, Adam on the adapter; adam or sgd for both (under DP, SGD rates are per unit of clipped gradient)"})
+    lr: float = field(default=0.03, metadata={"help": "learning rate of the LoRA adapter tensors"})
+    head_lr: float = field(default=4.0, metadata={"help": "learning rate of the task head"})
+    head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
+    lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = 0
     # privacy
     dp: bool = True
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    clipping: str = "split"  # "split": head and adapter clipped to their own share of --max-grad-norm; "flat": one norm
+    target_epsilon: float = field(default=8.0, metadata={"help": "each client's epsilon budget over the whole run"})
+    delta: float = field(default=1e-5, metadata={"help": "DP delta; must be below 1/N for each client's N examples"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "DP per-example clipping norm"})
+    clipping: str = field(default="split", metadata={"help": "split: head and adapter each clipped to half the squared budget; flat: one norm"})
     # secure aggregation
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
@@ -64,9 +68,9 @@ class FedConfig:
     secagg_timeout: float = 300.0  # seconds each secure-aggregation stage waits for replies
     secagg_max_weight: int = 16384  # cap on one client's weight (examples) in the masked sum; 1: equal weights
     # outputs and resources
-    local_baseline: bool = False  # simulation: also train each owner alone at the same budget, to compare
-    output: str = "runs/latest"
-    resume: str = ""
+    local_baseline: bool = field(default=False, metadata={"help": "simulation: also train each owner alone at the same budget and compare"})
+    output: str = field(default="runs/latest", metadata={"help": "folder for summary.json, metrics.csv, checkpoints and the plot"})
+    resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
     client_cpus: float = 1.0
     client_gpus: float = 0.0
 
@@ -74,6 +78,10 @@ class FedConfig:
         self.validate()
 
     def validate(self) -> None:
+        from shared.tasks import TASKS
+
+        if self.task not in TASKS:
+            raise FedLoraError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.lora not in ("ffa", "plain"):
             raise FedLoraError(f"--lora must be 'ffa' or 'plain', got {self.lora!r}")
         if self.optimizer not in ("mixed", "sgd", "adam"):
@@ -141,6 +149,18 @@ class FedConfig:
             default = known[name].default
             values[name] = _coerce(name, value, type(default))
         return cls(**values)
+
+
+# Flag help for the DP-recipe fields, kept off their lines while the recipe's defaults are
+# being retuned (issue 9); `flag_help` reads a field's own metadata first.
+
+
+def flag_help(f: dataclasses.Field) -> str:
+    """The CLI help of a FedConfig field (argparse %-formatting: a literal percent is %%)."""
+    text = f.metadata.get("help")
+    if not text:
+        return f"default: {f.default}"
+    return text if "default" in text else f"{text} (default: {f.default})"
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

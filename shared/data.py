@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from shared.config import FedConfig
 from shared.errors import FedLoraError
+from shared.tasks import get_task
 
 SYNTHETIC_LABELS = ["negative", "positive"]
 
@@ -108,6 +109,46 @@ def synthetic_federation(num_brands: int, examples_per_brand: int, test_size: in
     return train, test
 
 
+# Click data: customers click offers for what they already buy, in the style their age
+# group answers, more often when they read their email. The rule is the same at every
+# brand; what differs is who shops there (each brand's categories and age mix), so each
+# brand's customers click different offers and a model trained across brands sees more of
+# the rule than any brand alone.
+_OFFER_STYLES = {
+    "young": ["flash sale: 30% off {item}", "new drop: {item}, limited edition", "{item} trending now, shop the look"],
+    "older": ["free shipping on {item}", "loyalty points x3 on {item}", "{item} with a 2-year warranty"],
+}
+_ENGAGEMENT = [("rarely opens emails", -1.0), ("opens some emails", 0.0), ("opens most emails", 1.0)]
+
+
+def synthetic_clicks(num_brands: int, examples_per_brand: int, test_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Profile/offer pairs with a 0/1 click label, one brand per data owner (non-IID)."""
+    rng = random.Random(seed)
+    categories = list(_CATEGORIES)
+    brands = [{"brand": f"brand-{b:03d}", "cats": rng.sample(categories, 2), "young": rng.uniform(0.2, 0.8)}
+              for b in range(num_brands)]
+
+    def row(spec: dict) -> dict:
+        young = rng.random() < spec["young"]
+        age = rng.randint(18, 32) if young else rng.randint(40, 70)
+        interest = rng.choice(spec["cats"]) if rng.random() < 0.75 else rng.choice(categories)
+        bought = rng.sample(_CATEGORIES[interest], 2)
+        engagement, engaged = rng.choice(_ENGAGEMENT)
+        offer_cat = rng.choice(spec["cats"]) if rng.random() < 0.5 else rng.choice(categories)
+        style = rng.choice(list(_OFFER_STYLES))
+        logit = -2.2 + 3.0 * (offer_cat == interest) + 1.5 * (style == ("young" if young else "older")) + 1.0 * engaged
+        return {
+            "profile": f"age {age}; bought: {bought[0]}, {bought[1]}; viewed: {rng.choice(_CATEGORIES[interest])}; {engagement}",
+            "offer": rng.choice(_OFFER_STYLES[style]).format(item=rng.choice(_CATEGORIES[offer_cat])),
+            "label": str(int(rng.random() < 1.0 / (1.0 + np.exp(-logit)))),
+            "brand": spec["brand"],
+        }
+
+    train = pd.DataFrame([row(spec) for spec in brands for _ in range(examples_per_brand)])
+    test = pd.DataFrame([row(spec) for spec in brands for _ in range(max(1, test_size // num_brands))])
+    return train, test
+
+
 # --- files ---------------------------------------------------------------------------
 
 def read_table(path: str) -> pd.DataFrame:
@@ -141,17 +182,20 @@ def check_columns(df: pd.DataFrame, path: str, *columns: str) -> None:
             raise FedLoraError(f"column {column!r} not in {path} (columns: {', '.join(map(str, df.columns))})")
 
 
-def normalize(df: pd.DataFrame, cfg: FedConfig, path: str) -> pd.DataFrame:
-    """Keep text and label as strings under the canonical names 'text' and 'label'."""
-    check_columns(df, path, cfg.text_column, cfg.label_column)
-    out = pd.DataFrame({
-        "text": df[cfg.text_column].astype(str),
-        "label": df[cfg.label_column].map(_label_str),
-    })
+def normalize(df: pd.DataFrame, cfg: FedConfig, path: str, require_label: bool = True) -> pd.DataFrame:
+    """The task's input columns under their canonical names ('text', and 'text_pair' for
+    pairs) and the label as a string under 'label'; other columns are kept (owners, ids).
+    Without `require_label` (scoring new rows) a missing label column is fine."""
+    inputs = get_task(cfg).columns(cfg)
+    has_label = cfg.label_column in df.columns
+    check_columns(df, path, *inputs.values(), *((cfg.label_column,) if require_label or has_label else ()))
+    out = pd.DataFrame({name: df[column].astype(str) for name, column in inputs.items()})
+    if has_label:
+        out["label"] = df[cfg.label_column].map(_label_str)
     for column in df.columns:
-        if column not in (cfg.text_column, cfg.label_column):
+        if column not in (*inputs.values(), cfg.label_column):
             out[column] = df[column]
-    if out["label"].isna().any():
+    if has_label and out["label"].isna().any():
         raise FedLoraError(f"{path}: column {cfg.label_column!r} has {int(out['label'].isna().sum())} empty labels")
     return out
 
@@ -186,8 +230,11 @@ def _load(cfg_key: str) -> FederatedData:
         train = test.iloc[0:0]
         labels = cfg.label_names or derive_labels(test)
     elif not cfg.data:
-        train, test = synthetic_federation(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)
-        labels = SYNTHETIC_LABELS
+        generate = synthetic_clicks if cfg.task == "click" else synthetic_federation
+        train, test = generate(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)
+        synthetic = FedConfig(task=cfg.task)  # the generators write the default column names
+        train, test = normalize(train, synthetic, "synthetic data"), normalize(test, synthetic, "synthetic data")
+        labels = SYNTHETIC_LABELS if cfg.task == "classify" else None
     else:
         train = normalize(read_table(cfg.data), cfg, cfg.data)
         if cfg.test_data:
@@ -196,6 +243,7 @@ def _load(cfg_key: str) -> FederatedData:
             test = train.sample(frac=0.2, random_state=cfg.seed)
             train = train.drop(test.index)
         labels = cfg.label_names or derive_labels(train)
+    labels = list(get_task(cfg).labels or labels)  # a task with a fixed label set (click: 0/1) keeps it
     unknown = sorted(set(test["label"]) - set(labels))
     if unknown:
         raise FedLoraError(f"test data has labels the training data lacks: {', '.join(unknown[:5])}")
@@ -203,7 +251,7 @@ def _load(cfg_key: str) -> FederatedData:
 
 
 def _data_key(cfg: FedConfig) -> str:
-    keys = ("data", "test_data", "text_column", "label_column", "labels", "brands",
+    keys = ("task", "data", "test_data", "text_column", "label_column", "profile_column", "offer_column", "labels", "brands",
             "examples_per_brand", "test_size", "seed")
     return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
 
@@ -320,7 +368,8 @@ def model_length_limit(tokenizer: PreTrainedTokenizerBase, model=None) -> int:
 
 
 def choose_max_length(texts, tokenizer: PreTrainedTokenizerBase, cfg: FedConfig, model=None) -> int:
-    """Token length for this data: `--max-length` when set, else from the data itself.
+    """Token length for this data (texts, or a normalized frame: text pairs count together):
+    `--max-length` when set, else from the data itself.
 
     The 95th percentile of the texts' token counts, rounded up to a coarse bucket
     (32, 64, 128, 256, 512) so the choice reveals little about any one text, and capped
@@ -331,22 +380,42 @@ def choose_max_length(texts, tokenizer: PreTrainedTokenizerBase, cfg: FedConfig,
     limit = model_length_limit(tokenizer, model)
     if cfg.max_length > 0:
         return min(cfg.max_length, limit)
-    texts = [str(t) for t in texts]
+    texts, pairs = _inputs(texts)
     if not texts:
         return min(LENGTH_BUCKETS[0], limit)
-    counts = np.fromiter((len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]), dtype=int)
+    counts = np.fromiter((len(ids) for ids in tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]), dtype=int)
     wanted = float(np.percentile(counts, 95))
     bucket = next((b for b in LENGTH_BUCKETS if b >= wanted), LENGTH_BUCKETS[-1])
     return max(8, min(bucket, cfg.max_length_cap, limit))
 
 
+def _inputs(data) -> tuple[list[str], list[str] | None]:
+    """(texts, their pair texts or None) from a normalized frame or a plain list of texts."""
+    if isinstance(data, pd.DataFrame):
+        pairs = list(data["text_pair"].astype(str)) if "text_pair" in data.columns else None
+        return list(data["text"].astype(str)), pairs
+    return [str(t) for t in data], None
+
+
 def encode(df: pd.DataFrame, labels: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "data") -> TensorDataset:
+    """The collate step of every task: a normalized frame to (input_ids, attention_mask, label).
+
+    Text pairs (click: profile, offer) are tokenized as the tokenizer's own pair; when
+    too long, the longer text is trimmed first. Pair segments are marked by [SEP] only,
+    not token types: all-MiniLM-L6-v2 was trained on single texts (token type 0), and
+    one batch layout keeps the trainer, Opacus and the frozen-layer cache task-agnostic.
+    Without a 'label' column (scoring new rows) the labels are -1.
+    """
     index = {name: i for i, name in enumerate(labels)}
-    unknown = sorted(set(df["label"].map(str)) - set(index))
-    if unknown:
-        raise FedLoraError(f"{source} has labels outside the federation's label set {labels}: {', '.join(unknown[:5])}")
-    enc = tokenizer(list(df["text"].astype(str)), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    y = torch.tensor([index[str(v)] for v in df["label"]], dtype=torch.long)
+    if "label" in df.columns:
+        unknown = sorted(set(df["label"].map(str)) - set(index))
+        if unknown:
+            raise FedLoraError(f"{source} has labels outside the federation's label set {labels}: {', '.join(unknown[:5])}")
+        y = torch.tensor([index[str(v)] for v in df["label"]], dtype=torch.long)
+    else:
+        y = torch.full((len(df),), -1, dtype=torch.long)
+    texts, pairs = _inputs(df)
+    enc = tokenizer(texts, pairs, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return TensorDataset(enc["input_ids"], enc["attention_mask"], y)
 
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.config import FedConfig
 from shared.models import load_base_model
+from shared.tasks import get_task
 
 _DEFAULT_TARGETS = {
     "bert": ["query", "value"],
@@ -41,7 +42,7 @@ def top_layers(model: PreTrainedModel, cfg: FedConfig) -> list[int] | None:
 
 def attach_lora(model: PreTrainedModel, cfg: FedConfig) -> PeftModel:
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=get_task(cfg).peft_task_type,
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=0.0,
@@ -62,7 +63,7 @@ def attach_lora(model: PreTrainedModel, cfg: FedConfig) -> PeftModel:
 
 
 def build_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    base, tokenizer = load_base_model(cfg.model, num_labels, cfg.seed)
+    base, tokenizer = load_base_model(cfg.model, num_labels, cfg.seed, get_task(cfg))
     return attach_lora(base, cfg), tokenizer
 
 
@@ -74,7 +75,7 @@ def _cached(key: tuple) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     return model, tokenizer
 
 
-_MODEL_KEYS = ("model", "lora", "lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed")
+_MODEL_KEYS = ("task", "model", "lora", "lora_rank", "lora_alpha", "lora_targets", "lora_layers", "seed")
 
 
 def model_key(cfg: FedConfig) -> str:

@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoTokenizer, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.errors import FedLoraError
+from shared.tasks import Task, get_task
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,10 +62,10 @@ class MaskedMeanPooler(torch.nn.Module):
         return torch.nn.functional.normalize(mean, dim=-1)
 
 
-def _load_minilm(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_minilm(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    model = head.from_pretrained(path, num_labels=num_labels)
     pooler = MaskedMeanPooler(model.bert.pooler)
     model.bert.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
     model.bert.pooler = pooler
@@ -84,7 +77,7 @@ def smollm2_cache_dir() -> Path:
     return root / "smollm2-135m"
 
 
-def _load_smollm2(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_smollm2(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantizing the GGUF takes ~35 s, so convert once into a safetensors cache."""
     cache = smollm2_cache_dir()
     if not (cache / "model.safetensors").exists():
@@ -100,26 +93,26 @@ def _load_smollm2(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizer
     tokenizer = AutoTokenizer.from_pretrained(cache)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(cache, num_labels=num_labels)
+    model = head.from_pretrained(cache, num_labels=num_labels)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
-def _load_tiny_bert(num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_tiny_bert(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Random-weight 2-layer BERT with MiniLM's tokenizer: for fast tests."""
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=128, num_labels=num_labels,
     )
-    return BertForSequenceClassification(config), tokenizer
+    return head.from_config(config), tokenizer
 
 
-def _load_local(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_local(name: str, num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         AutoConfig.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
+        model = head.from_pretrained(name, num_labels=num_labels)
     except (OSError, ValueError) as exc:
         raise FedLoraError(
             f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a local model folder, "
@@ -131,23 +124,26 @@ def _load_local(name: str, num_labels: int) -> tuple[PreTrainedModel, PreTrained
     return model, tokenizer
 
 
-REGISTRY: dict[str, Callable[[int], tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {
+REGISTRY: dict[str, Callable[[int, type], tuple[PreTrainedModel, PreTrainedTokenizerBase]]] = {
     "minilm": _load_minilm,
     "smollm2-135m": _load_smollm2,
     "tiny-bert": _load_tiny_bert,
 }
 
 
-def load_base_model(name: str, num_labels: int, seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a base model whose freshly initialised head is identical in every process."""
+def load_base_model(name: str, num_labels: int, seed: int,
+                    task: Task | str = "classify") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The one model builder: a base model with the task's head, whose freshly initialised
+    head is identical in every process (drawn from the run seed)."""
+    head = (get_task(task) if isinstance(task, str) else task).model_class()
     if num_labels < 2:
         raise FedLoraError(f"need at least 2 labels to train a classifier, found {num_labels}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name in REGISTRY:
-            model, tokenizer = REGISTRY[name](num_labels)
+            model, tokenizer = REGISTRY[name](num_labels, head)
         elif Path(name).exists() or "/" in name:
-            model, tokenizer = _load_local(name, num_labels)
+            model, tokenizer = _load_local(name, num_labels, head)
         else:
             raise FedLoraError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)} or a local model folder")
     model.eval()

@@ -76,7 +76,7 @@ def linear_probe(cfg: FedConfig) -> dict:
     inner = model.base_model.model
 
     def embed(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model))
+        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model))
         ids, mask, y = data.tensors
         order = torch.argsort(mask.sum(1))
         out = torch.zeros(len(ids), inner.config.hidden_size)

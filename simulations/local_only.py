@@ -19,6 +19,7 @@ from shared.errors import FedLoraError
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
 from shared.lora import cached_model, load_trainable_state, model_key
+from shared.tasks import Task, get_task
 
 
 def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict]:
@@ -27,13 +28,13 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
     fed = load_federation(cfg)
     parts = partitioning(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test["text"], tokenizer, cfg, model), "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data")
     groups = row_owners(cfg, fed.test)
     eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
     results: dict[str, dict] = {}
     for pid, name in enumerate(parts.names):
         frame = client_partition(cfg, pid)
-        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame["text"], tokenizer, cfg, model), name)
+        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model), name)
         entry: dict = {"rows": len(data)}
         load_trainable_state(model, model.fedlora_initial_state)
         ledger, plan = None, None
@@ -46,23 +47,25 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
                 continue
         for server_round in range(1, cfg.rounds + 1):
             train_local(model, data, cfg, ledger, plan, server_round)
-        scores = evaluate(eval_module, eval_data, len(fed.labels), groups=groups)
+        scores = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
         own = scores["owners"].get(name) if groups is not None else None
         entry["local"] = own or {k: v for k, v in scores.items() if k != "owners"}
         entry["epsilon"] = ledger.epsilon() if ledger else None
         results[name] = entry
-        console.print(f"local-only {name}: {len(data)} rows, macro-F1 {entry['local']['macro_f1']:.3f}")
+        headline = get_task(cfg).headline
+        console.print(f"local-only {name}: {len(data)} rows, {headline} {entry['local'][headline]:.3f}")
     return results
 
 
-def print_owner_table(owners: dict[str, dict], console: Console | None = None) -> None:
-    """Per owner: the federated model against the owner's local-only model (macro-F1)."""
-    table = Table(title="federated vs local-only, per owner (macro-F1 on the owner's test rows)")
+def print_owner_table(owners: dict[str, dict], console: Console | None = None, task: Task | None = None) -> None:
+    """Per owner: the federated model against the owner's local-only model (the task's headline score)."""
+    metric = (task or get_task("classify")).headline
+    table = Table(title=f"federated vs local-only, per owner ({metric} on the owner's test rows)")
     for header in ("owner", "rows", "local", "federated", "gain"):
         table.add_column(header, justify="right")
     for name, entry in owners.items():
         local, fed = entry.get("local"), entry.get("federated")
-        cells = [f"{x['macro_f1']:.3f}" if x else "-" for x in (local, fed)]
-        gain = f"{100 * (fed['macro_f1'] - local['macro_f1']):+.1f} pt" if local and fed else "-"
+        cells = [f"{x[metric]:.3f}" if x else "-" for x in (local, fed)]
+        gain = f"{100 * (fed[metric] - local[metric]):+.1f} pt" if local and fed else "-"
         table.add_row(name[:20], str(entry.get("rows", "")), *cells, gain)
     (console or Console()).print(table)

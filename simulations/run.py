@@ -33,7 +33,7 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
     for note in parts.notes:
         console.print(f"[yellow]note:[/] {note}")
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    lengths = [choose_max_length(client_partition(cfg, pid)["text"], tokenizer, cfg, model) for pid in range(len(parts.kept))]
+    lengths = [choose_max_length(client_partition(cfg, pid), tokenizer, cfg, model) for pid in range(len(parts.kept))]
     how = "--max-length" if cfg.max_length else f"95th percentile of each owner's token counts, cap {cfg.max_length_cap}"
     console.print(f"{len(parts.kept)} owners, {min(parts.sizes)} to {max(parts.sizes)} rows; "
                   f"max length {min(lengths)}-{max(lengths)} tokens ({how})")
@@ -123,10 +123,15 @@ def add_local_baselines(report, cfg: FedConfig, console: Console) -> None:
     from simulations.local_only import local_only, print_owner_table
 
     console.rule("local-only baselines")
-    final = {k: report.rounds[-1][k] for k in ("accuracy", "macro_f1")} if report.rounds else None
+    final = {k: report.rounds[-1].get(k) for k in report.task.metrics} if report.rounds else None
     for name, entry in local_only(cfg, console).items():
         owner = report.owners.setdefault(name, {})
         owner.update(entry)
         owner.setdefault("federated", final)  # test rows not split by owner: the whole test set
     report.write()
-    print_owner_table(report.owners, console)
+    print_owner_table(report.owners, console, report.task)
+    metric = report.task.headline
+    pairs = [(e["local"][metric], e["federated"][metric]) for e in report.owners.values() if e.get("local") and e.get("federated")]
+    if pairs:
+        console.print(f"mean over {len(pairs)} owners of {metric} on their own test rows: local-only "
+                      f"{sum(p[0] for p in pairs) / len(pairs):.3f}, federated {sum(p[1] for p in pairs) / len(pairs):.3f}")

@@ -145,6 +145,14 @@ def test_three_owners_two_rounds_tls_node_auth_secagg_dp(federation):
     assert all(c["epsilon"] is not None and c["epsilon"] > 0 for c in trained.values())
     assert min(c["epsilon"] for c in trained.values()) <= 6.0 + 1e-6  # owner 3's own, smaller budget
     assert (out / "checkpoints" / "round-002" / "adapter_model.safetensors").is_file()
+    # `fedlora predict` on the deployment's checkpoint reproduces the server's evaluation
+    pred = subprocess.run([sys.executable, "-m", "fedlora", "predict", "--checkpoint", str(out), "--data",
+                           str(tmp / "test.csv"), "--output", str(tmp / "scored.csv")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp)
+    assert pred.returncode == 0, pred.stderr[-2000:]
+    scored = json.loads(pred.stdout.strip().splitlines()[-1])["metrics"]
+    assert scored["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+    assert scored["loss"] == pytest.approx(summary["final"]["loss"], rel=1e-5)
     for i in (1, 2, 3):
         ledger = json.loads((tmp / f"ledger{i}.json").read_text())
         assert ledger["rounds_trained"] == [1, 2]

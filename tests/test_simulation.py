@@ -66,6 +66,26 @@ def test_checkpoint_loads_with_peft_and_reproduces_the_server_evaluation(run):
     assert not torch.equal(dict(model.named_parameters())[b], dict(first.named_parameters())[b])
 
 
+def test_predict_reproduces_the_server_evaluation(run, tmp_path, capsys):
+    from fedlora.cli import main
+
+    cfg, out, summary = run
+    test_file = tmp_path / "test.csv"
+    load_federation(cfg).test.to_csv(test_file, index=False)  # the server's own test split, as a file
+    assert main(["predict", "--checkpoint", str(out / "checkpoints" / "round-002"), "--data", str(test_file),
+                 "--output", str(tmp_path / "scored.parquet")]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("accuracy", "macro_f1", "loss"):
+        assert result["metrics"][key] == pytest.approx(summary["final"][key], rel=1e-5), key
+    import pandas as pd
+
+    scored = pd.read_parquet(tmp_path / "scored.parquet")
+    assert set(scored["predicted_label"]) <= {"negative", "positive"}
+    assert ((scored["probability"] >= 0.5) & (scored["probability"] <= 1)).all()
+    assert (scored["probability_negative"] + scored["probability_positive"]).round(5).eq(1).all()
+    assert (scored["predicted_label"] == scored["label"]).mean() == pytest.approx(summary["final"]["accuracy"])
+
+
 def test_resume_continues_from_the_checkpoint_and_epsilon_keeps_composing(run, tmp_path):
     cfg, out, summary = run
     proc = subprocess.run(  # a fresh process, as a user resuming would (Ray starts once per process)

@@ -1,0 +1,58 @@
+"""FedConfig <-> command-line flags, shared by `simulate`, `run` and `predict`.
+
+Flags map one-to-one onto `shared.config.FedConfig` fields and take their help from
+the fields' metadata, so this module needs neither `fedlora.cli` nor the deployment
+commands (which used to import each other for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from shared.config import FedConfig, flag_help
+
+_SPECIAL = {"dp", "secure_agg", "partition_by", "partition", "num_clients"}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    by_name = {f.name: f for f in fields(FedConfig)}
+    for f in fields(FedConfig):
+        if f.name in _SPECIAL:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=flag_help(f))
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None, help=flag_help(f))
+    parser.add_argument("--num-clients", type=int, default=None, help="default: one per brand (synthetic) or 6")
+    parser.add_argument("--partition-by", default=None, help=flag_help(by_name["partition_by"]))
+    parser.add_argument("--partition", default=None, help=flag_help(by_name["partition"]))
+    parser.add_argument("--no-dp", dest="dp", action="store_false", default=True, help="turn DP off (baselines only)")
+    parser.add_argument("--secure-agg", dest="secure_agg", action=argparse.BooleanOptionalAction, default=True,
+                        help="secure aggregation of masked updates (default: on)")
+
+
+def config_from_args(args: argparse.Namespace) -> FedConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(FedConfig)
+              if f.name not in _SPECIAL and getattr(args, f.name, None) is not None}
+    values["dp"], values["secure_agg"] = args.dp, args.secure_agg
+    cfg = FedConfig(**values)
+    explicit_split = args.partition_by is not None or args.partition is not None
+    num_clients = args.num_clients
+    if args.partition_by:
+        partition_by = args.partition_by
+    elif not cfg.data and not explicit_split and num_clients in (None, cfg.brands):
+        partition_by = "brand"  # synthetic default: one data owner per brand
+    else:
+        partition_by = ""
+    if not partition_by and num_clients is None:
+        num_clients = cfg.num_clients
+    cfg = cfg.replace(partition_by=partition_by, partition=args.partition or "iid",
+                      num_clients=num_clients if num_clients is not None else cfg.brands)
+    if cfg.secure_agg and max(1, int(cfg.num_clients * cfg.fraction)) < 2:
+        print("fedlora: note: secure aggregation needs at least 2 clients per round; running without it", file=sys.stderr)
+        cfg = cfg.replace(secure_agg=False)
+    cfg.validate()
+    return cfg

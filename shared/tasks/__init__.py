@@ -1,0 +1,55 @@
+"""The task seam: what differs between marketing tasks, and nothing else.
+
+One small module per task (the shape of Flower's `task.py` and peft's `TaskType`) names
+the model head, the loss, the metrics, the data columns and how a row becomes model
+input. The trainer, the DP wrapper, secure aggregation, checkpoints and the server's
+evaluation are one code path that asks `get_task(cfg)` for these, so adding a task never
+copies any of them. This module stays import-light (no torch): `FedConfig.validate`
+checks task names against `TASKS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from shared.config import FedConfig
+
+TASKS = {"classify": "shared.tasks.classify", "click": "shared.tasks.click"}
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    head: str  # transformers auto class of the model with its task head
+    peft_task_type: str  # peft TaskType: decides which head modules peft trains and saves
+    columns: Callable[["FedConfig"], dict[str, str]]  # model input ("text", "text_pair") -> the file's column
+    scores: Callable[..., dict]  # (class probabilities, true labels, num_labels, loss) -> metrics
+    predictions: Callable[..., dict]  # (class probabilities, label names) -> columns `fedlora predict` adds
+    metrics: tuple[str, ...]  # per-round metrics in metrics.csv and summary.json
+    headline: str  # the one score owners compare (progress line, federated vs local-only)
+    table: dict[str, str] = field(default_factory=dict)  # metric -> column header in the final table
+    plot: tuple[str, ...] = ()  # metrics drawn against epsilon (all in [0, 1])
+    reference: str = ""  # a trivial predictor's score, drawn as a dotted line
+    labels: tuple[str, ...] | None = None  # a fixed label set; None: from the data or --labels
+    per_class_recall: bool = False  # scores carry "recall" per label (table note, metrics.csv columns)
+
+    def model_class(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.head)
+
+    def loss(self, model, input_ids, attention_mask, labels):
+        """The head's own loss (cross-entropy over its logits; for two classes, log-loss)."""
+        return model(input_ids, attention_mask=attention_mask, labels=labels).loss
+
+
+def get_task(cfg_or_name: "FedConfig | str") -> Task:
+    name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.task
+    if name not in TASKS:
+        from shared.errors import FedLoraError
+
+        raise FedLoraError(f"--task must be one of {', '.join(TASKS)}, got {name!r}")
+    return import_module(TASKS[name]).TASK
