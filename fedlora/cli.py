@@ -43,7 +43,7 @@ _SPECIAL = {"dp", "secure_agg", "partition_by", "partition", "num_clients"}
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(FedConfig):
-        if f.name in _SPECIAL:
+        if f.name in _SPECIAL or f.name.startswith("segment_"):  # `fedlora segment` has its own flags
             continue
         flag = "--" + f.name.replace("_", "-")
         help_text = _HELP.get(f.name, f"default: {f.default}")
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_cmd_simulate)
     from fedlora.deploy_commands import add_deploy_commands
     add_deploy_commands(sub)
+    from fedlora.segment_command import add_segment_command
+    add_segment_command(sub)
     return parser
 
 
