@@ -238,13 +238,14 @@ and one sum: its noise is tiny against ~thousands of rows)."""
 
 
 def budget_shares(releases: int) -> list[float]:
-    """Shares of the RDP budget per release: the mean, the Lloyd rounds, the final round."""
+    """Shares of the RDP budget per release: the mean, the Lloyd rounds, the final round (at
+    least an equal share of what the Lloyd rounds get)."""
     if releases < 2:
         raise ValueError("federated k-means needs the mean release and at least one Lloyd round")
-    if releases == 2:
-        return [INIT_SHARE, 1.0 - INIT_SHARE]
-    middle = (1.0 - INIT_SHARE - FINAL_SHARE) / (releases - 2)
-    return [INIT_SHARE] + [middle] * (releases - 2) + [FINAL_SHARE]
+    lloyd = releases - 1
+    final = max(FINAL_SHARE, (1.0 - INIT_SHARE) / lloyd)
+    middle = (1.0 - INIT_SHARE - final) / (lloyd - 1) if lloyd > 1 else 0.0
+    return [INIT_SHARE] + [middle] * (lloyd - 1) + [final]
 
 
 def noise_schedule(target_epsilon: float, delta: float, releases: int) -> list[float]:
