@@ -209,7 +209,8 @@ def test_segment_end_to_end_through_flower_with_secure_aggregation(seg_cfg):
         ledger = _ledger(cfg, pid)
         assert [h[0] for h in ledger.accountant_state["history"]] == pytest.approx(zs, rel=1e-12)
         assert ledger.epsilon() == pytest.approx(cfg.segment_epsilon, rel=1e-6)
-    assert {c["epsilon"] for c in summary["clients"].values()} == {pytest.approx(cfg.segment_epsilon, rel=1e-6)}
+    assert len(summary["clients"]) == 3  # keyed by node id: no partition id leaves an owner
+    assert all(c["epsilon"] == pytest.approx(cfg.segment_epsilon, rel=1e-6) for c in summary["clients"].values())
     centroids = np.load(out / "centroids.npy")
     assert centroids.shape == (3, 32) and np.isfinite(centroids).all()
     final = summary["final"]
@@ -218,3 +219,27 @@ def test_segment_end_to_end_through_flower_with_secure_aggregation(seg_cfg):
         rows = __import__("pandas").read_csv(out / "owners" / name / "segments.csv")
         assert len(rows) == 120 and set(rows["segment"]) <= {0, 1, 2} and (rows["brand"] == name).all()
         assert "Top words:" in (out / "owners" / name / "segments.md").read_text()
+
+
+def test_a_checkpoint_embeds_with_its_adapted_encoder(seg_cfg, tmp_path):
+    from peft import PeftModel
+
+    from client.segment import embeddings
+    from shared.lora import build_model, save_adapter
+    from shared.models import load_base_model
+    from shared.segment import embed
+
+    model, _ = build_model(seg_cfg, 3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter
+    save_adapter(model, tmp_path / "ckpt" / "checkpoints" / "round-002")
+    texts = ["my flight was late", "great crew", "lost my bag again"]
+    tuned = embeddings(seg_cfg.replace(segment_checkpoint=str(tmp_path / "ckpt")), texts)
+    base = embeddings(seg_cfg, texts)
+    base_model, tok = load_base_model(seg_cfg.model, 3, seg_cfg.seed)
+    expected = embed(PeftModel.from_pretrained(base_model, tmp_path / "ckpt" / "checkpoints" / "round-002"), tok, texts, 32)
+    assert tuned == pytest.approx(expected, abs=1e-5)
+    assert not np.allclose(tuned, base, atol=1e-3)
+    assert np.linalg.norm(tuned, axis=1) == pytest.approx(1.0)
