@@ -73,7 +73,7 @@ def _aggregate(grid: Grid, cfg: FedConfig, messages: list[Message], length: int)
 
         result = secure_aggregate(grid, messages[0].content["arrays"], messages, SecAggConfig(
             threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None,
-            timeout=cfg.secagg_timeout, update_bound=STATS_BOUND, equal_weights=True))
+            timeout=cfg.secagg_timeout, update_bound=STATS_BOUND, equal_weights=True, bits=64))
         metrics = [dict(m) for m in result.metrics]
         if result.error or result.arrays is None or result.total_weight <= 0:
             return None, 0, metrics, result.error or "no owner contributed"
