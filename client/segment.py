@@ -141,7 +141,9 @@ def segment_round(msg: Message, context: Context, server_round: int) -> Message:
     from client.secure_random import ChaChaRNG
     from shared.errors import FedLoraError
     from shared.params import record_bytes
-    from shared.segment import cluster_stats, describe_segments, noise_schedule, sq_distances, write_owner_outputs
+    from shared.segment import (
+        SENSITIVITY, cluster_stats, describe_segments, noise_schedule, sq_distances, write_owner_outputs,
+    )
 
     seg = msg.content.config_records[SEGMENT_RECORD]
     try:
@@ -195,8 +197,6 @@ def segment_round(msg: Message, context: Context, server_round: int) -> Message:
                 raise Declined(DeclineCode.BUDGET, f"epsilon {ledger.epsilon():.3f} spent, this release would reach "
                                f"{ledger.epsilon_after(plan):.3f} > budget {cfg.target_epsilon}",
                                report={"epsilon": ledger.epsilon(), "delta": cfg.delta})
-            from shared.segment import SENSITIVITY
-
             noisy = stats + ChaChaRNG().gaussian_noise(z * SENSITIVITY, _as_tensor(stats)).numpy()
             accountant = ledger.accountant()
             accountant.history.append((z, 1.0, 1))

@@ -77,14 +77,17 @@ def score(cfg: FedConfig, centroids: np.ndarray) -> dict:
 
     x, _ = pooled_embeddings(cfg)
     pooled = KMeans(n_clusters=cfg.segment_k, n_init=10, random_state=cfg.seed).fit(x)
-    fed_obj, pooled_obj = objective(x, centroids), objective(x, pooled.cluster_centers_)
+    centers, labels = pooled.cluster_centers_, pooled.labels_
+    fed_obj, pooled_obj = objective(x, centroids), objective(x, centers)
     return {"objective": fed_obj, "pooled_objective": pooled_obj, "objective_ratio": fed_obj / pooled_obj,
-            "ari": float(adjusted_rand_score(pooled.labels_, assign(x, centroids))), "rows": int(len(x))}
+            "ari": float(adjusted_rand_score(labels, assign(x, centroids))), "rows": int(len(x))}
 
 
-def simulate_segment(cfg: FedConfig, console: Console | None = None, verbose: bool = False) -> dict:
+def simulate_segment(cfg: FedConfig, console: Console | None = None, verbose: bool = False,
+                     scored: bool = True) -> dict:
     """Run the federated k-means and write `summary.json`, `centroids.npy`, the ledgers and
-    `owners/<name>/segments.{csv,md,json}` under `cfg.output`."""
+    `owners/<name>/segments.{csv,md,json}` under `cfg.output`. `scored=False` leaves out the
+    pooled k-means (`final` is None), for callers that score several runs against one fit."""
     from flwr.simulation import run_simulation
 
     from server.segment import run_segment
@@ -134,11 +137,13 @@ def simulate_segment(cfg: FedConfig, console: Console | None = None, verbose: bo
         raise RuntimeError("the simulation ended before the server finished; rerun with --verbose for Flower's logs")
     run = results[0]
     summary = {"config": cfg.to_run_config(), "owners": list(names), "rounds": run.rounds, "clients": run.clients,
-               "owners_written": run.owners_written, "final": score(cfg, run.centroids),
+               "owners_written": run.owners_written, "final": score(cfg, run.centroids) if scored else None,
                "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(cfg.output)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     f = summary["final"]
+    if f is None:
+        return summary
     console.print(f"objective {f['objective']:.1f} vs pooled k-means {f['pooled_objective']:.1f} "
                   f"(ratio {f['objective_ratio']:.3f}), adjusted Rand index {f['ari']:.3f}; "
                   f"segments of {run.owners_written} owners under {out / 'owners'}")
