@@ -17,7 +17,8 @@ _FLAGS = {
     "--checkpoint": ("segment_checkpoint", str, "embed with a federated checkpoint's encoder (a run or round-NNN folder)"),
     "--data": ("data", str, "CSV, TSV, JSONL or Parquet of the owners' customers (default: synthetic reviews)"),
     "--text-column": ("text_column", str, "column with the customer's text (default: text)"),
-    "--partition-by": ("partition_by", str, "one owner per value of this column (default: brand; '' for an iid split)"),
+    "--partition-by": ("partition_by", str, "one owner per value of this column (default: brand on the synthetic data, "
+                      "an iid split over --num-clients with --data)"),
     "--num-clients": ("num_clients", int, "owners of an iid split (with --partition-by '')"),
     "--min-client-examples": ("min_client_examples", int, "leave out owners with fewer rows (default: 20)"),
     "--model": ("model", str, "encoder: minilm (default), tiny-bert, or a local model folder"),
@@ -33,7 +34,7 @@ _FLAGS = {
 def add_segment_command(sub) -> None:
     seg = sub.add_parser("segment", help="customer segments across owners (federated DP k-means, in simulation)")
     for flag, (dest, kind, help_text) in _FLAGS.items():
-        seg.add_argument(flag, dest=dest, type=kind, default=None, help=help_text)
+        seg.add_argument(flag, dest=dest, type=kind, default=None, help=help_text, metavar=flag[2:].upper())
     seg.add_argument("--no-dp", dest="dp", action="store_false", default=True, help="exact statistics (baselines only)")
     seg.add_argument("--secure-agg", dest="secure_agg", action=argparse.BooleanOptionalAction, default=True,
                      help="secure aggregation of the noisy sums and counts (default: on)")
@@ -47,6 +48,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     values = {dest: getattr(args, dest) for dest, *_ in _FLAGS.values() if getattr(args, dest) is not None}
     values.setdefault("output", "runs/segments")
+    if "data" in values and "partition_by" not in values:  # as `fedlora simulate`: an own file splits iid
+        values["partition_by"] = ""
     cfg = FedConfig(dp=args.dp, secure_agg=args.secure_agg, **values)
     summary = simulate_segment(cfg, verbose=args.verbose)
     eps = [c["epsilon"] for c in summary["clients"].values() if "epsilon" in c]

@@ -184,7 +184,7 @@ def test_segment_bad_input_gives_one_line_exit_2_and_keeps_the_ledgers(case, seg
     ledger.parent.mkdir(parents=True)
     ledger.write_text('{"kept": true}')
     code = main(["segment", "--model", "tiny-bert", "--data", str(segment_files / "train.csv"),
-                 "--min-client-examples", "5", "--output", str(out), *argv])
+                 "--partition-by", "brand", "--min-client-examples", "5", "--output", str(out), *argv])
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.startswith("fedlora: error")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
