@@ -30,7 +30,7 @@ log = logging.getLogger("fedlora.client")
 # stages (handled by `secagg_mod`) should not pay ~10 s of imports each.
 
 LEDGER_KEY = "privacy-ledger"
-
+SEGMENT_RECORD = "segment"  # client/segment.py: marks a segment round
 app = ClientApp(mods=[secagg_mod])
 
 
@@ -115,6 +115,10 @@ def train(msg: Message, context: Context) -> Message:
 
     server_round = int(msg.content["config"].get("server-round", 0)) if "config" in msg.content else 0
     try:
+        if SEGMENT_RECORD in msg.content.config_records:  # a federated k-means round (fedlora segment)
+            from client.segment import segment_round
+
+            return segment_round(msg, context, server_round)
         return _train(msg, context, server_round)
     except Declined as exc:
         code, detail, report = exc.code, str(exc), exc.report

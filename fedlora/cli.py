@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_cmd_simulate)
     add_predict_command(sub)
     add_deploy_commands(sub)
+    from fedlora.segment_command import add_segment_command
+    add_segment_command(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ _SPECIAL = {"dp", "secure_agg", "partition_by", "partition", "num_clients"}
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     by_name = {f.name: f for f in fields(FedConfig)}
     for f in fields(FedConfig):
-        if f.name in _SPECIAL:
+        if f.name in _SPECIAL or f.name.startswith("segment_"):  # `fedlora segment` has its own flags
             continue
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):

@@ -73,6 +73,11 @@ class FedConfig:
     resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    # customer segments (`fedlora segment`): federated k-means on sentence embeddings
+    segment_k: int = 8
+    segment_rounds: int = 5  # Lloyd rounds after the federated-mean initialisation
+    segment_epsilon: float = 2.0  # each owner's budget over all of a segmentation's releases
+    segment_checkpoint: str = ""  # a run's output or round folder: embed with its adapted encoder; empty: base model
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +127,10 @@ class FedConfig:
             raise FedLoraError("--batch-size must be at least 1")
         if self.secagg_max_weight < 1 or not self.secagg_timeout > 0:
             raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout positive")
+        if self.segment_k < 2 or self.segment_rounds < 1:
+            raise FedLoraError(f"--k must be at least 2 and --rounds at least 1, got {self.segment_k} and {self.segment_rounds}")
+        if self.dp and not (0 < self.segment_epsilon < float("inf")):
+            raise FedLoraError(f"epsilon target cannot be met: --target-epsilon must be positive, got {self.segment_epsilon}")
 
     @property
     def dirichlet_alpha(self) -> float | None:
