@@ -59,20 +59,31 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
 
 def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = False) -> dict:
     """Run the federation and return the summary written to `cfg.output/summary.json`."""
-    from flwr.simulation import run_simulation
-
     from server.server_app import run_server
 
     console = console or Console()
     num_nodes = preflight(cfg, console)
-    reports, failures = [], []
+    report = run_flower(cfg, num_nodes, lambda grid: run_server(grid, cfg, console), verbose)
+    if cfg.output:
+        report.add_training_losses(Path(cfg.output) / "ledgers")
+    if cfg.local_baseline:
+        add_local_baselines(report, cfg, console)
+    return report.summary()
 
+
+def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = False):
+    """Run `server_main(grid)` as the ServerApp against `num_nodes` virtual clients in
+    Flower's simulation engine and return what it returned; an exception in it is
+    re-raised here, not lost in Flower's thread. Shared by training and segmentation."""
+    from flwr.simulation import run_simulation
+
+    results, failures = [], []
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         try:
-            reports.append(run_server(grid, cfg, console))
+            results.append(server_main(grid))
         except Exception as exc:  # re-raised in the caller's thread, not lost in Flower's
             failures.append(exc)
             raise
@@ -108,14 +119,9 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
             shutil.rmtree(key_dir, ignore_errors=True)
     if failures:
         raise failures[0]
-    if not reports:
+    if not results:
         raise RuntimeError("the simulation ended before the server finished; rerun with --verbose for Flower's logs")
-    report = reports[0]
-    if cfg.output:
-        report.add_training_losses(Path(cfg.output) / "ledgers")
-    if cfg.local_baseline:
-        add_local_baselines(report, cfg, console)
-    return report.summary()
+    return results[0]
 
 
 def add_local_baselines(report, cfg: FedConfig, console: Console) -> None:

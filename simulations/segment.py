@@ -10,23 +10,15 @@ pooled one, and the adjusted Rand index of the two assignments.
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from client.client_app import app as client_app
 from shared.config import FedConfig
 from shared.errors import FedLoraError
-from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
+from simulations.run import run_flower
 
 
 def preflight(cfg: FedConfig, console: Console) -> tuple[tuple[str, ...], int]:
@@ -88,54 +80,12 @@ def simulate_segment(cfg: FedConfig, console: Console | None = None, verbose: bo
     """Run the federated k-means and write `summary.json`, `centroids.npy`, the ledgers and
     `owners/<name>/segments.{csv,md,json}` under `cfg.output`. `scored=False` leaves out the
     pooled k-means (`final` is None), for callers that score several runs against one fit."""
-    from flwr.simulation import run_simulation
-
     from server.segment import run_segment
 
     console = console or Console()
     t0 = time.perf_counter()
     names, dim = preflight(cfg, console)
-    results, failures = [], []
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid: Grid, context: Context) -> None:
-        try:
-            results.append(run_segment(grid, cfg, len(names), dim, console))
-        except Exception as exc:  # re-raised in the caller's thread, not lost in Flower's
-            failures.append(exc)
-            raise
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
-        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-        "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
-    }
-    previous = os.environ.get(ENV_SIM_DIR)
-    key_dir = tempfile.mkdtemp(prefix="fedlora-secagg-") if cfg.secure_agg else None
-    if key_dir:
-        make_simulation_keys(Path(key_dir), [f"partition-{pid}" for pid in range(len(names))])
-        os.environ[ENV_SIM_DIR] = key_dir
-    try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(names),
-                       backend_config=backend_config, verbose_logging=verbose)
-    finally:
-        if key_dir:
-            if previous is None:
-                os.environ.pop(ENV_SIM_DIR, None)
-            else:
-                os.environ[ENV_SIM_DIR] = previous
-            shutil.rmtree(key_dir, ignore_errors=True)
-    if failures:
-        raise failures[0]
-    if not results:
-        raise RuntimeError("the simulation ended before the server finished; rerun with --verbose for Flower's logs")
-    run = results[0]
+    run = run_flower(cfg, len(names), lambda grid: run_segment(grid, cfg, len(names), dim, console), verbose)
     summary = {"config": cfg.to_run_config(), "owners": list(names), "rounds": run.rounds, "clients": run.clients,
                "owners_written": run.owners_written, "final": score(cfg, run.centroids) if scored else None,
                "seconds": round(time.perf_counter() - t0, 1)}
