@@ -77,6 +77,8 @@ class FedConfig:
     resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    workers: int = field(default=0, metadata={"help": "simulation: Ray workers on this machine, each holding one model and serving virtual clients one after another (0: as many as --client-cpus fits in the CPUs)"})
+    ray_address: str = field(default="", metadata={"help": "simulation: attach to a running Ray cluster (host:port of `ray start --head`, or 'auto'); empty: a private Ray instance on this machine"})
     # customer segments (`fedlora segment`): federated k-means on sentence embeddings
     segment_k: int = 8
     segment_rounds: int = 5  # Lloyd rounds after the federated-mean initialisation
@@ -131,6 +133,10 @@ class FedConfig:
             raise FedLoraError("--batch-size must be at least 1")
         if self.secagg_max_weight < 1 or self.secagg_timeout < 0:
             raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout 0 (automatic) or positive")
+        if self.workers < 0 or not self.client_cpus > 0:
+            raise FedLoraError("--workers must be 0 (automatic) or positive and --client-cpus positive")
+        if self.workers and self.ray_address:
+            raise FedLoraError("--workers sizes a private Ray instance; on a Ray cluster (--ray-address) its CPUs and --client-cpus decide")
         if self.segment_k < 2 or self.segment_rounds < 1:
             raise FedLoraError(f"--k must be at least 2 and --rounds at least 1, got {self.segment_k} and {self.segment_rounds}")
         if self.dp and not (0 < self.segment_epsilon < float("inf")):

@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
-from client.client_app import app as client_app
+from client.client_app import app as default_client_app
 from shared.config import FedConfig
 from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
 from client.privacy import plan_privacy
@@ -84,10 +84,53 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
     return report.summary()
 
 
-def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = False):
+def ray_backend_config(cfg: FedConfig, verbose: bool = False) -> dict:
+    """Flower's Ray backend settings. Flower makes as many workers (ClientAppActors) as
+    `client_resources` fit in each Ray node; every worker loads the model once and serves
+    the virtual clients it is handed one after another.
+
+    Without --ray-address the run starts its own Ray instance (address "local"), sized to
+    --workers when given; it never attaches to a cluster someone else started on this
+    machine (Ray's default for a bare `ray.init()`). With --ray-address, `attach_ray`
+    connects before Flower would start one (Flower only starts Ray when none is connected)."""
+    init_args = {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"}
+    if not cfg.ray_address:
+        init_args["address"] = "local"
+        if cfg.workers:
+            init_args["num_cpus"] = cfg.workers * cfg.client_cpus
+    return {
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "init_args": init_args,
+    }
+
+
+FORWARDED_ENV_PREFIXES = ("FEDLORA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_", "MALLOC_")
+FORWARDED_ENV = ("PYTHONWARNINGS", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "RAY_DEDUP_LOGS")
+
+
+def attach_ray(address: str, verbose: bool = False) -> None:
+    """Connect this process to a running Ray cluster. Its workers were started by
+    `ray start`, not by this process, so they do not inherit its environment: the run's
+    settings that live there (the secure-aggregation key folder, the model cache, quiet
+    logs) and this process's import path travel in the job's runtime environment."""
+    import sys
+
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV}
+    env["PYTHONPATH"] = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=verbose,
+                 logging_level="info" if verbose else "error")
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise FedLoraError(f"--ray-address {address}: cannot attach to a Ray cluster there ({exc})") from None
+
+
+def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = False, client_app=None):
     """Run `server_main(grid)` as the ServerApp against `num_nodes` virtual clients in
     Flower's simulation engine and return what it returned; an exception in it is
-    re-raised here, not lost in Flower's thread. Shared by training and segmentation."""
+    re-raised here, not lost in Flower's thread. Shared by training and segmentation.
+    `client_app` replaces fedlora's ClientApp (tests wrap it to look inside a worker)."""
     from flwr.simulation import run_simulation
 
     results, failures = [], []
@@ -107,23 +150,34 @@ def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = Fals
         warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
-        "init_args": {"log_to_driver": verbose, "include_dashboard": False, "logging_level": "error"},
-    }
+    backend_config = ray_backend_config(cfg, verbose)
     # One signing key per virtual client; their public keys are the registered roster. The
-    # folder is named in the environment (Ray workers inherit it) for this run only.
+    # folder is named in the environment (Ray workers inherit it) for this run only. On a
+    # Ray cluster it lies under --output, which the workers on other machines must see at
+    # the same path (as they must --data and the ledgers there).
     previous = os.environ.get(ENV_SIM_DIR)
-    key_dir = tempfile.mkdtemp(prefix="fedlora-secagg-") if cfg.secure_agg else None
-    if key_dir:
+    key_dir = None
+    if cfg.secure_agg:
+        where = None
+        if cfg.ray_address and cfg.output:
+            Path(cfg.output).mkdir(parents=True, exist_ok=True)
+            where = cfg.output
+        key_dir = tempfile.mkdtemp(prefix=".fedlora-secagg-", dir=where)
         make_simulation_keys(Path(key_dir), [f"partition-{pid}" for pid in range(num_nodes)])
         os.environ[ENV_SIM_DIR] = key_dir
     try:
+        if cfg.ray_address:
+            attach_ray(cfg.ray_address, verbose)
         run_simulation(
-            server_app=server_app, client_app=client_app,
+            server_app=server_app, client_app=client_app or default_client_app,
             num_supernodes=num_nodes, backend_config=backend_config, verbose_logging=verbose,
         )
     finally:
+        if cfg.ray_address:
+            import ray
+
+            if ray.is_initialized():  # Flower disconnects at the end of a run; not after a failed start
+                ray.shutdown()
         if key_dir:
             if previous is None:
                 os.environ.pop(ENV_SIM_DIR, None)
