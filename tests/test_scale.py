@@ -27,7 +27,9 @@ from shared.config import FedConfig
 from simulations.bench_secagg import ensure_task_identity
 
 PROBE_ENV = "FEDLORA_TEST_PROBE"
-SECRET_KEYS = ("c-sk", "s-sk", "b", "own-b-share", "share-keys")  # secure-aggregation secrets in the state record
+# An owner's own secure-aggregation secrets in its state record. ("share-keys" are not in the
+# list: each is the Diffie-Hellman key of a pair, held by both of them by design.)
+SECRET_KEYS = ("c-sk", "s-sk", "b", "own-b-share")
 SIZES = (40, 72, 48, 64)  # rows of owners 0..3; labels alternate pos/neg
 WORDS = {"pos": "great love excellent happy superb fast friendly clean".split(),
          "neg": "awful hate broken slow rude dirty late terrible".split()}
