@@ -46,6 +46,15 @@ def _plain(value):
     return value
 
 
+def _ray_node() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - not in a Ray worker
+        return None
+
+
 def _partition(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
@@ -70,7 +79,8 @@ def _inner_probe(msg: Message, context: Context, call_next) -> Message:
         out = Path(folder) / f"train-{_partition(context)}-r{rnd}"
         np.savez(out.with_suffix(".in.npz"), **{k: v.numpy() for k, v in msg.content["arrays"].items()})
         np.savez(out.with_suffix(".out.npz"), **{k: v.numpy() for k, v in reply.content["arrays"].items()})
-        out.with_suffix(".json").write_text(json.dumps({"config": dict(msg.content["config"]), "pid": os.getpid()}))
+        out.with_suffix(".json").write_text(json.dumps({"config": dict(msg.content["config"]), "pid": os.getpid(),
+                                                        "ray-node": _ray_node()}))
     return reply
 
 
