@@ -8,6 +8,9 @@ device before Opacus wraps it, so the optimizer steps the tensors that train
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import math
 import warnings
 from dataclasses import dataclass
@@ -181,6 +184,35 @@ def clip_norms(optimizer: torch.optim.Optimizer, cfg: FedConfig) -> float | list
     return norms
 
 
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def release_memory() -> bool:
+    """Give the round's freed activations back to the system; True when glibc did.
+
+    A simulation worker trains one virtual client after another. glibc keeps the memory
+    of freed activation tensors (hundreds of MB a step at batch 128) in its heap for
+    reuse, fragmented, so the worker's RSS only grows: MiniLM with DP at batch 128 and 64
+    tokens held 2.7 GB after round 3 on 1,000 airline rows, 0.68 GB with a trim after each
+    round (0.25x; `python -m simulations.bench_memory`), at no measurable cost in time.
+    The peak within a round stays near the fragmented heap's (0.83x); a fixed
+    MALLOC_MMAP_THRESHOLD_=65536 in the environment halves it (0.49x) but cost ~25% time.
+    """
+    gc.collect()
+    if _LIBC is None:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
 def train_local(
     model: torch.nn.Module,
     dataset: TensorDataset,
@@ -201,6 +233,7 @@ def train_local(
     finally:
         for p in paused:
             p.requires_grad_(True)
+        release_memory()
 
 
 def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:

@@ -65,12 +65,13 @@ def child(variant: str, rows: int, rounds: int, max_length: int) -> dict:
     if AIRLINES.exists():
         frame = pd.read_csv(AIRLINES).rename(columns={"sentiment": "label"})
         owner = frame["airline"].value_counts().index[0]
-        frame, source = frame[frame["airline"] == owner].head(rows), f"airline {owner}"
+        mine = frame[frame["airline"] == owner]
+        frame, source = mine.sample(min(rows, len(mine)), random_state=0), f"airline {owner}"
     else:
         from shared.data import load_federation
 
         frame, source = load_federation(cfg.replace(examples_per_brand=rows, brands=1)).train, "synthetic"
-    labels = sorted(frame["label"].astype(str).unique())
+    labels = sorted(frame["label"].astype(str).unique()) if source == "synthetic" else ["negative", "neutral", "positive"]
     frame = frame.assign(label=frame["label"].astype(str))
     cfg = cfg.replace(labels=json.dumps(labels))
     sampler = PeakSampler()

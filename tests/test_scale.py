@@ -212,6 +212,20 @@ def test_replies_are_averaged_in_partition_order_whatever_order_they_arrive_in()
     assert len(results) == 1
 
 
+def test_training_hands_freed_memory_back_to_the_system(monkeypatch):
+    import sys
+
+    import client.trainer as trainer
+
+    calls = []
+    monkeypatch.setattr(trainer, "release_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(trainer, "_train", lambda *a: trainer.TrainResult(0.0, 0))
+    trainer.train_local(__import__("torch").nn.Linear(2, 2), None, FedConfig(dp=False))
+    assert calls == [1]
+    monkeypatch.undo()
+    assert trainer.release_memory() is sys.platform.startswith("linux")
+
+
 # --- simulations ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
