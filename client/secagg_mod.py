@@ -22,14 +22,15 @@ import os
 import struct
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
     MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, harary_graph,
-    nodes_digest, pack_ids, resolve_k, survivors_bytes, thresholds, unpack_ids,
+    nodes_digest, pack_ids, resolve_k, ring_array, survivors_bytes, thresholds, unpack_ids,
 )
 from shared.secagg.quantize import RingFormat
 from shared.secagg.quantize import encode_clipped as encode
@@ -234,13 +235,13 @@ def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
 
 def _flat_delta(global_arrays: ArrayRecord, local: ArrayRecord) -> np.ndarray:
     """local - global as one float64 vector (one pass per tensor, no intermediate copies)."""
-    gs = [(key, garr.numpy()) for key, garr in global_arrays.items()]
+    gs = [(key, array_view(garr)) for key, garr in global_arrays.items()]
     out = np.empty(sum(g.size for _, g in gs), dtype=np.float64)
     pos = 0
     for key, g in gs:
         if key not in local:
             raise SecAggClientError(f"trained arrays lack {key!r}")
-        l = local[key].numpy()
+        l = array_view(local[key])
         if g.shape != l.shape:
             raise SecAggClientError(f"shape mismatch for {key!r}: {l.shape} vs {g.shape}")
         np.subtract(l.reshape(-1), g.reshape(-1), out=out[pos: pos + g.size], dtype=np.float64)
@@ -296,7 +297,7 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
     del state["b"], state["s-sk"]  # from here on they live only in their shares
     if not declined:
         metrics["bytes-uploaded"] = int(vec.nbytes)  # what actually leaves: the masked ring vector
-    return {Key.REJECTED: rejected}, {"metrics": metrics, MASKED_RECORD: ArrayRecord({"masked": Array(vec)})}
+    return {Key.REJECTED: rejected}, {"metrics": metrics, MASKED_RECORD: ArrayRecord({"masked": ring_array(vec)})}
 
 
 def _check_survivors(cfg: ConfigRecord, node: int, state: dict) -> list[int]:

@@ -39,9 +39,11 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, pack_ids, resolve_k, thresholds,
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, pack_ids, resolve_k, ring_vector,
+    thresholds,
 )
 from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
@@ -477,16 +479,10 @@ class _Round:
         rec = content.array_records.get(MASKED_RECORD)
         if rec is None or list(rec.keys()) != ["masked"]:
             raise _Bad("no masked vector")
-        arr = rec["masked"]
-        if tuple(arr.shape) != (length,):
-            raise _Bad("masked vector of the wrong shape")
         try:
-            vec = arr.numpy()
-        except Exception as exc:  # noqa: BLE001 - any undecodable payload is the client's fault
-            raise _Bad(f"undecodable masked vector ({type(exc).__name__})") from exc
-        if vec.dtype != fmt.dtype or vec.shape != (length,):
-            raise _Bad("masked vector of the wrong shape or type")
-        return vec
+            return ring_vector(rec["masked"], length, fmt.dtype)
+        except ValueError as exc:
+            raise _Bad(str(exc)) from exc
 
 
 def apply_mean(global_arrays: ArrayRecord, wsum: np.ndarray, total: int) -> ArrayRecord:
@@ -494,7 +490,7 @@ def apply_mean(global_arrays: ArrayRecord, wsum: np.ndarray, total: int) -> Arra
     out: dict[str, Array] = {}
     pos = 0
     for key, arr in global_arrays.items():
-        g = arr.numpy()
+        g = array_view(arr)
         size = int(np.prod(g.shape))
         if total > 0:
             g = (g.astype(np.float64) + (wsum[pos: pos + size] / total).reshape(g.shape)).astype(g.dtype)

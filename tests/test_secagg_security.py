@@ -20,7 +20,7 @@ import client.secagg_mod as mod
 from server.secure_aggregation import SecAggConfig, SecureAggregation, secure_aggregate
 from shared.secagg import crypto, identity, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, pack_ids, resolve_k, thresholds, unpack_ids,
+    MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, pack_ids, resolve_k, ring_array, thresholds, unpack_ids,
 )
 from simulations.bench_secagg import train_messages
 from test_secagg_protocol import assert_matches, expected_fedavg, setup_round
@@ -238,7 +238,7 @@ def test_duplicated_and_extra_records_drop_only_the_sender(stage):
     assert_matches(res, expected_fedavg(g, [x for x in nodes if x not in res.dropped], deltas, weights))
 
 
-@pytest.mark.parametrize("bad", ["dtype", "shape", "extra-record", "missing", "huge-metrics"])
+@pytest.mark.parametrize("bad", ["dtype", "shape", "npy", "short-data", "extra-record", "missing", "huge-metrics"])
 def test_malformed_masked_vector_drops_only_the_sender(bad):
     n = 6
     g, nodes, deltas, weights, grid = setup_round(n, n_params=400, seed=42)
@@ -246,11 +246,16 @@ def test_malformed_masked_vector_drops_only_the_sender(bad):
 
     def reply(msg):
         if msg.metadata.src_node_id == liar and stage_of(msg) == Stage.COLLECT:
-            vec = msg.content.array_records[MASKED_RECORD]["masked"].numpy()
+            arr = msg.content.array_records[MASKED_RECORD]["masked"]
+            vec = np.frombuffer(arr.data, dtype=arr.dtype)
             if bad == "dtype":
-                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": Array(vec.astype(np.float64))})
+                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": ring_array(vec.astype(np.float64))})
             elif bad == "shape":
-                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": Array(vec[:-1])})
+                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": ring_array(vec[:-1])})
+            elif bad == "npy":
+                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": Array(vec)})
+            elif bad == "short-data":
+                arr.data = arr.data[:-8]
             elif bad == "extra-record":
                 msg.content.array_records["arrays"] = ArrayRecord({"x": Array(vec)})
             elif bad == "missing":

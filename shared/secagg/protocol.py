@@ -28,6 +28,9 @@ import random
 import struct
 from functools import lru_cache
 
+import numpy as np
+from flwr.app import Array
+
 RECORD = "secagg"
 """ConfigRecord name carrying the protocol payloads in both directions."""
 
@@ -36,6 +39,11 @@ STATE_RECORD = "secagg-state"
 
 MASKED_RECORD = "secagg-masked"
 """ArrayRecord name of the masked vector (an ArrayRecord so Flower can chunk large payloads)."""
+
+RING_STYPE = "fedlora.secagg.ring"
+"""Array ``stype`` of the masked vector: its raw little-endian ring elements, no npy header.
+Both ends are ours, so the 1-8 MB vector skips ``np.save``/``np.load`` (a header parse and two
+copies each way); the receiver checks dtype, shape and byte length before viewing it."""
 
 PROTOCOL_ID = b"fedlora-secagg-v2"
 
@@ -101,6 +109,25 @@ def unpack_ids(blob) -> list[int]:
     if not isinstance(blob, bytes) or len(blob) % 8 or len(blob) > 8 * MAX_NODES:
         raise ValueError("malformed node id list")
     return list(struct.unpack(f"<{len(blob) // 8}Q", blob))
+
+
+def ring_array(vec: np.ndarray) -> Array:
+    """The masked ring vector as an Array of raw bytes (see :data:`RING_STYPE`)."""
+    return Array(dtype=vec.dtype.str, shape=(int(vec.size),), stype=RING_STYPE, data=vec.tobytes())
+
+
+def ring_vector(arr: Array, length: int, dtype: np.dtype) -> np.ndarray:
+    """Read-only view of a :func:`ring_array`; ValueError unless it is exactly ``length``
+    elements of ``dtype``."""
+    dtype = np.dtype(dtype)
+    try:
+        ok = (arr.stype == RING_STYPE and arr.dtype == dtype.str and tuple(arr.shape) == (length,)
+              and isinstance(arr.data, bytes) and len(arr.data) == length * dtype.itemsize)
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError("masked vector of the wrong stype, type or shape")
+    return np.frombuffer(arr.data, dtype=dtype)
 
 
 def majority(n: int) -> int:
