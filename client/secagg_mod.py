@@ -17,6 +17,7 @@ fails or arrives out of order, and replaced when a new round starts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -29,7 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, harary_graph,
+    MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, get_record, harary_graph,
     nodes_digest, pack_ids, resolve_k, ring_array, survivors_bytes, thresholds, unpack_ids,
 )
 from shared.secagg.quantize import RingFormat
@@ -47,13 +48,9 @@ class SecAggClientError(RuntimeError):
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    if (
-        msg.metadata.message_type != MessageType.TRAIN
-        or not msg.has_content()
-        or RECORD not in msg.content.config_records
-    ):
+    cfg = get_record(msg.content, RECORD, ConfigRecord) if msg.has_content() else None
+    if msg.metadata.message_type != MessageType.TRAIN or cfg is None:
         return call_next(msg, context)
-    cfg = msg.content.config_records[RECORD]
     node = int(context.node_id)
     try:
         if msg.metadata.dst_node_id != node:
@@ -79,7 +76,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if stage == Stage.UNMASK:
             _wipe(context)
         else:
-            context.state.config_records[STATE_RECORD] = ConfigRecord(state)
+            _save_state(context, state)
     except Exception as exc:
         _wipe(context)  # an aborted round leaves no secret behind, whatever went wrong
         if isinstance(exc, (identity.IdentityError, KeyError, TypeError, ValueError, OverflowError)):
@@ -91,15 +88,31 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 
 def _wipe(context: Context) -> None:
-    if STATE_RECORD in context.state.config_records:
-        del context.state.config_records[STATE_RECORD]
+    if STATE_RECORD in context.state:
+        del context.state[STATE_RECORD]
+
+
+def _save_state(context: Context, state: dict) -> None:
+    """The round's state as one JSON value (bytes hex-tagged): a ConfigRecord key per field
+    would cost Flower's per-item type checks on every stage, for a record that never leaves
+    this node."""
+    def tag(v):
+        return {"b": v.hex()} if isinstance(v, bytes) else [tag(x) for x in v] if isinstance(v, list) else v
+    context.state[STATE_RECORD] = ConfigRecord({"json": json.dumps({k: tag(v) for k, v in state.items()})})
+
+
+def _stored_state(context: Context) -> dict | None:
+    def untag(v):
+        return bytes.fromhex(v["b"]) if isinstance(v, dict) else [untag(x) for x in v] if isinstance(v, list) else v
+    rec = get_record(context.state, STATE_RECORD, ConfigRecord)
+    return None if rec is None else {k: untag(v) for k, v in json.loads(rec["json"]).items()}
 
 
 def _load_state(context: Context, cfg: ConfigRecord) -> dict:
     """Current-round state; rejects out-of-order, repeated or foreign-session steps."""
-    if STATE_RECORD not in context.state.config_records:
+    state = _stored_state(context)
+    if state is None:
         raise SecAggClientError("no secure-aggregation round in progress")
-    state = dict(context.state.config_records[STATE_RECORD])
     if cfg.get(Key.SID) != state["sid"] or cfg.get(Key.ROUND) != state["round"]:
         raise SecAggClientError("message belongs to another secure-aggregation session")
     if ORDER.get(state["stage"]) != cfg.get(Key.STAGE):
@@ -269,18 +282,18 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
         raise SecAggClientError("mask neighbours must be authenticated neighbours of mine")
     state["mask-nbrs"] = sorted(mask_nbrs)
     fmt = _ring_format(cfg, state["n"])
-    global_arrays = msg.content.array_records.get("arrays", ArrayRecord())
+    global_arrays = get_record(msg.content, "arrays", ArrayRecord) or ArrayRecord()
     del msg.content[RECORD]
-    context.state.config_records[SECAGG_ACTIVE] = ConfigRecord({
+    context.state[SECAGG_ACTIVE] = ConfigRecord({
         "t-global": int(state["t"]), "t-local": int(state["t-local"]), "group-size": len(state["ids"]) + 1})
     try:
         reply = call_next(msg, context)
     finally:
-        del context.state.config_records[SECAGG_ACTIVE]
+        del context.state[SECAGG_ACTIVE]
     if reply.has_error():
         raise SecAggClientError(f"local training failed: {reply.error.reason}")
-    metrics = reply.content.metric_records.get("metrics", MetricRecord())
-    local = reply.content.array_records.get("arrays", ArrayRecord())
+    metrics = get_record(reply.content, "metrics", MetricRecord) or MetricRecord()
+    local = get_record(reply.content, "arrays", ArrayRecord) or ArrayRecord()
     weight = int(metrics.get("num-examples", 1))  # under DP no count leaves the client: each owner weighs 1
     declined = bool(metrics.get("declined", 0)) or len(local) == 0 or weight <= 0
     n_params = sum(int(np.prod(a.shape)) for a in global_arrays.values())

@@ -42,8 +42,8 @@ from flwr.serverapp.strategy import Strategy
 from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, pack_ids, resolve_k, ring_vector,
-    thresholds,
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, get_record, harary_graph, nodes_digest, pack_ids, resolve_k,
+    ring_vector, thresholds,
 )
 from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
@@ -172,7 +172,7 @@ class _Round:
         self.t_req = _threshold_request(config.threshold, self.n)
         self.t, self.t_local = thresholds(self.n, self.k, self.t_req)
         self.sid = os.urandom(16)
-        cfg = train_messages[0].content.config_records.get("config", ConfigRecord()) if train_messages else {}
+        cfg = (get_record(train_messages[0].content, "config", ConfigRecord) if train_messages else None) or {}
         self.rnd = int(cfg.get("server-round", 0))
         self.group_id = str(self.rnd)
         self.warnings: list[str] = []
@@ -210,7 +210,7 @@ class _Round:
             if src != expected:
                 bad[expected] = f"reply came from node {src}"
                 continue
-            rec = r.content.config_records.get(RECORD)
+            rec = get_record(r.content, RECORD, ConfigRecord)
             if rec is None or rec.get(Key.STAGE) != stage or rec.get(Key.NODE_ID) != src:
                 bad[src] = "wrong stage or claimed node id"
                 continue
@@ -353,8 +353,8 @@ class _Round:
                 rec = content[RECORD]
                 rejected = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
                 vec = self._masked_vector(content, length, fmt)
-                m = content.metric_records.get("metrics", MetricRecord())
-                if len(content.metric_records) > 1 or len(content.array_records) != 1 or len(m) > 64:
+                m = get_record(content, "metrics", MetricRecord) or MetricRecord()
+                if set(content) - {RECORD, "metrics", MASKED_RECORD} or len(m) > 64:
                     raise _Bad("unexpected records next to the masked vector")
             except _Bad as exc:
                 self.reject(Stage.COLLECT, nid, str(exc))
@@ -476,7 +476,7 @@ class _Round:
 
     @staticmethod
     def _masked_vector(content: RecordDict, length: int, fmt: RingFormat) -> np.ndarray:
-        rec = content.array_records.get(MASKED_RECORD)
+        rec = get_record(content, MASKED_RECORD, ArrayRecord)
         if rec is None or list(rec.keys()) != ["masked"]:
             raise _Bad("no masked vector")
         try:

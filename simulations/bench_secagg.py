@@ -35,7 +35,7 @@ from server.secure_aggregation import SecAggConfig, secure_aggregate
 from shared.secagg.protocol import resolve_k
 from shared.secagg import masks
 from shared.secagg.identity import make_simulation_keys
-from shared.secagg.protocol import RECORD
+from shared.secagg.protocol import RECORD, get_record
 
 
 def ensure_task_identity() -> None:
@@ -99,7 +99,7 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             nid = msg.metadata.dst_node_id
-            rec = msg.content.config_records.get(RECORD) if msg.has_content() else None
+            rec = get_record(msg.content, RECORD, ConfigRecord) if msg.has_content() else None
             stage = rec.get("stage") if rec is not None else None
             if nid in self.dead:
                 err = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)

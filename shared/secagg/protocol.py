@@ -111,6 +111,14 @@ def unpack_ids(blob) -> list[int]:
     return list(struct.unpack(f"<{len(blob) // 8}Q", blob))
 
 
+def get_record(records, name: str, kind: type):
+    """``records[name]`` if it is a ``kind`` record, else None. Cheaper than
+    ``RecordDict.config_records`` and friends, which copy every record into a fresh
+    type-checked view on each access."""
+    rec = records[name] if name in records else None
+    return rec if isinstance(rec, kind) else None
+
+
 def ring_array(vec: np.ndarray) -> Array:
     """The masked ring vector as an Array of raw bytes (see :data:`RING_STYPE`)."""
     return Array(dtype=vec.dtype.str, shape=(int(vec.size),), stype=RING_STYPE, data=vec.tobytes())
