@@ -334,9 +334,9 @@ def _consistency(cfg: ConfigRecord, node: int, state: dict, context: Context) ->
 
 
 def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict:
-    survivors = _check_survivors(cfg, node, state)
-    if pack_ids(survivors) != state["survivors"]:
+    if cfg.get(Key.SURVIVORS) != state["survivors"]:  # the set I checked and signed, byte for byte
         raise SecAggClientError("survivor set differs from the one I signed")
+    survivors = unpack_ids(state["survivors"])
     ids, sigs = _int_list(cfg[Key.IDS], "signer list"), list(cfg[Key.SIG])
     if len(ids) != len(sigs):
         raise SecAggClientError("malformed signature list")

@@ -248,12 +248,11 @@ class _Round:
 
     # --- stages -----------------------------------------------------------------------
     def _setup(self) -> set[int]:
-        replies = self.exchange(Stage.SETUP, {
-            nid: RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: pack_ids(self.nodes),
-                Key.K: self.k, Key.T_REQ: self.t_req,
-            })}) for nid in self.nodes
-        })
+        content = RecordDict({RECORD: ConfigRecord({  # the same for every node: built once
+            Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: pack_ids(self.nodes),
+            Key.K: self.k, Key.T_REQ: self.t_req,
+        })})
+        replies = self.exchange(Stage.SETUP, dict.fromkeys(self.nodes, content))
         fps: dict[bytes, int] = {}
         for nid, content in replies.items():
             try:
@@ -372,9 +371,8 @@ class _Round:
     def _consistency_and_unmask(self, u2: set[int], u3: set[int]):
         survivors = sorted(u3)
         base = {Key.SID: self.sid, Key.ROUND: self.rnd, Key.SURVIVORS: pack_ids(survivors)}
-        replies = self.exchange(Stage.CONSISTENCY, {
-            i: RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.CONSISTENCY, **base})}) for i in survivors
-        })
+        content = RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.CONSISTENCY, **base})})
+        replies = self.exchange(Stage.CONSISTENCY, dict.fromkeys(survivors, content))
         sigs: dict[int, bytes] = {}
         for nid, content in replies.items():
             try:
