@@ -30,8 +30,8 @@ from flwr.clientapp.typing import ClientAppCallable
 from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, get_record, harary_graph,
-    nodes_digest, pack_ids, resolve_k, ring_array, survivors_bytes, thresholds, unpack_ids,
+    MASKED_RECORD, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, get_record, harary_graph,
+    nodes_digest, pack_blobs, pack_ids, resolve_k, ring_array, survivors_bytes, thresholds, unpack_blobs, unpack_ids,
 )
 from shared.secagg.quantize import RingFormat
 from shared.secagg.quantize import encode_clipped as encode
@@ -121,10 +121,18 @@ def _load_state(context: Context, cfg: ConfigRecord) -> dict:
     return state
 
 
-def _int_list(value, what: str) -> list[int]:
-    if not isinstance(value, list) or len(value) > MAX_NODES or not all(isinstance(x, int) and x >= 0 for x in value):
-        raise SecAggClientError(f"malformed {what}")
-    return [int(x) for x in value]
+def _ids(value, what: str) -> list[int]:
+    try:
+        return unpack_ids(value)
+    except ValueError:
+        raise SecAggClientError(f"malformed {what}") from None
+
+
+def _blobs(value, what: str) -> list[bytes]:
+    try:
+        return unpack_blobs(value)
+    except ValueError:
+        raise SecAggClientError(f"malformed {what}") from None
 
 
 def _min_fraction(context: Context) -> float:
@@ -166,8 +174,8 @@ def _setup(cfg: ConfigRecord, node: int, context: Context) -> tuple[dict, dict]:
 
 
 def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict:
-    ids = _int_list(cfg[Key.IDS], "advertisement list")
-    cols = [list(cfg[x]) for x in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)]
+    ids = _ids(cfg[Key.IDS], "advertisement list")
+    cols = [_blobs(cfg[x], "advertisement list") for x in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)]
     if any(len(c) != len(ids) for c in cols) or len(set(ids)) != len(ids):
         raise SecAggClientError("malformed advertisement list")
     if not set(ids) <= set(state["neighbours"]):
@@ -215,13 +223,13 @@ def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> 
     state["ids"], state["pk-s"], state["fps"] = ok_ids, pk_s, fps
     state["share-keys"] = [keys[j] for j in ok_ids]
     del state["c-sk"]  # no longer needed
-    return {Key.DST: dsts, Key.CT: cts, Key.REJECTED: bad}
+    return {Key.DST: pack_ids(dsts), Key.CT: pack_blobs(cts), Key.REJECTED: pack_ids(bad)}
 
 
 def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
     """Decrypt relayed shares; returns the sources whose ciphertext was rejected."""
     key_of = dict(zip(state["ids"], state["share-keys"]))
-    srcs, cts = _int_list(cfg[Key.SRC], "share sources"), list(cfg[Key.CT])
+    srcs, cts = _ids(cfg[Key.SRC], "share sources"), _blobs(cfg[Key.CT], "share list")
     if len(srcs) != len(cts):
         raise SecAggClientError("malformed share list")
     held_ids, held_b, held_sk, rejected = [], [], [], []
@@ -277,7 +285,7 @@ def _ring_format(cfg: ConfigRecord, n: int) -> RingFormat:
 def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: Context,
              call_next: ClientAppCallable) -> tuple[dict, dict]:
     rejected = _receive_shares(cfg, node, state)
-    mask_nbrs = _int_list(cfg[Key.MASK_NBRS], "mask neighbours")
+    mask_nbrs = _ids(cfg[Key.MASK_NBRS], "mask neighbours")
     if not set(mask_nbrs) <= set(state["ids"]) or len(set(mask_nbrs)) != len(mask_nbrs):
         raise SecAggClientError("mask neighbours must be authenticated neighbours of mine")
     state["mask-nbrs"] = sorted(mask_nbrs)
@@ -310,7 +318,8 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
     del state["b"], state["s-sk"]  # from here on they live only in their shares
     if not declined:
         metrics["bytes-uploaded"] = int(vec.nbytes)  # what actually leaves: the masked ring vector
-    return {Key.REJECTED: rejected}, {"metrics": metrics, MASKED_RECORD: ArrayRecord({"masked": ring_array(vec)})}
+    masked = ArrayRecord({"masked": ring_array(vec)})
+    return {Key.REJECTED: pack_ids(rejected)}, {"metrics": metrics, MASKED_RECORD: masked}
 
 
 def _check_survivors(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
@@ -337,7 +346,7 @@ def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict
     if cfg.get(Key.SURVIVORS) != state["survivors"]:  # the set I checked and signed, byte for byte
         raise SecAggClientError("survivor set differs from the one I signed")
     survivors = unpack_ids(state["survivors"])
-    ids, sigs = _int_list(cfg[Key.IDS], "signer list"), list(cfg[Key.SIG])
+    ids, sigs = _ids(cfg[Key.IDS], "signer list"), _blobs(cfg[Key.SIG], "signature list")
     if len(ids) != len(sigs):
         raise SecAggClientError("malformed signature list")
     roster = identity.load_identity(context.node_config).roster
@@ -361,4 +370,4 @@ def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict
             out_ids.append(j), kinds.append(0), shares.append(b_of[j])  # self-mask share: j's input is in the sum
         elif j in state["mask-nbrs"]:
             out_ids.append(j), kinds.append(1), shares.append(sk_of[j])  # mask-key share: j dropped after sharing
-    return {Key.IDS: out_ids, Key.KIND: kinds, Key.SHARES: shares}
+    return {Key.IDS: pack_ids(out_ids), Key.KIND: bytes(kinds), Key.SHARES: pack_blobs(shares)}

@@ -42,8 +42,8 @@ from flwr.serverapp.strategy import Strategy
 from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, get_record, harary_graph, nodes_digest, pack_ids, resolve_k,
-    ring_vector, thresholds,
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, get_record, harary_graph, nodes_digest, pack_blobs,
+    pack_ids, resolve_k, ring_vector, thresholds, unpack_blobs, unpack_ids,
 )
 from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
@@ -142,12 +142,17 @@ def _get(rec: ConfigRecord, key: str, kind, *, size: int | None = None, max_len:
     elif kind is int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise _Bad(f"malformed {key!r}")
-    elif kind == "ints":
-        if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            raise _Bad(f"malformed {key!r}")
-    elif kind == "bytes-list":
-        if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, bytes) and len(x) <= 4096 for x in v):
-            raise _Bad(f"malformed {key!r}")
+    elif kind in ("ids", "blobs", "kinds"):
+        try:
+            if kind == "ids":
+                return unpack_ids(v, max_len)
+            if kind == "blobs":
+                return unpack_blobs(v, max_len)
+            if not isinstance(v, bytes) or len(v) > max_len:
+                raise ValueError
+            return list(v)
+        except ValueError:
+            raise _Bad(f"malformed {key!r}") from None
     return v
 
 
@@ -286,8 +291,9 @@ class _Round:
         for i in sorted(u1):
             ids = sorted(g[i] & u1)
             payloads[i] = RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SHARE_KEYS, Key.SID: self.sid, Key.ROUND: self.rnd, Key.IDS: ids,
-                **{key: [self.ad[j][key] for j in ids] for key in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)},
+                Key.STAGE: Stage.SHARE_KEYS, Key.SID: self.sid, Key.ROUND: self.rnd, Key.IDS: pack_ids(ids),
+                **{key: pack_blobs(self.ad[j][key] for j in ids)
+                   for key in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)},
             })})
         replies = self.exchange(Stage.SHARE_KEYS, payloads)
         fwd: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in u1}
@@ -297,9 +303,9 @@ class _Round:
         for src, content in replies.items():
             try:
                 rec = content[RECORD]
-                dsts = _get(rec, Key.DST, "ints", max_len=self.k)
-                cts = _get(rec, Key.CT, "bytes-list", max_len=self.k)
-                bad = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
+                dsts = _get(rec, Key.DST, "ids", max_len=self.k)
+                cts = _get(rec, Key.CT, "blobs", max_len=self.k)
+                bad = _get(rec, Key.REJECTED, "ids", max_len=self.k) if Key.REJECTED in rec else []
                 if len(dsts) != len(cts) or len(set(dsts)) != len(dsts) or not set(dsts) <= g[src] & u1:
                     raise _Bad("shares addressed to the wrong set of nodes")
                 if len(dsts) + 1 < self.ad[src][Key.T_LOCAL]:
@@ -339,8 +345,8 @@ class _Round:
             keep = [p for p, s in enumerate(srcs) if s in u2]
             content[RECORD] = ConfigRecord({
                 Key.STAGE: Stage.COLLECT, Key.SID: self.sid, Key.ROUND: self.rnd,
-                Key.SRC: [srcs[p] for p in keep], Key.CT: [cts[p] for p in keep],
-                Key.MASK_NBRS: sorted(g[i] & u2), Key.BITS: fmt.bits, Key.SCALE: fmt.scale,
+                Key.SRC: pack_ids(srcs[p] for p in keep), Key.CT: pack_blobs(cts[p] for p in keep),
+                Key.MASK_NBRS: pack_ids(sorted(g[i] & u2)), Key.BITS: fmt.bits, Key.SCALE: fmt.scale,
                 Key.MAX_WEIGHT: fmt.max_weight, Key.CLIP: fmt.clip,
             })
             payloads[i] = content
@@ -350,7 +356,7 @@ class _Round:
         for nid, content in sorted(replies.items()):
             try:
                 rec = content[RECORD]
-                rejected = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
+                rejected = _get(rec, Key.REJECTED, "ids", max_len=self.k) if Key.REJECTED in rec else []
                 vec = self._masked_vector(content, length, fmt)
                 m = get_record(content, "metrics", MetricRecord) or MetricRecord()
                 if set(content) - {RECORD, "metrics", MASKED_RECORD} or len(m) > 64:
@@ -386,7 +392,7 @@ class _Round:
         for i in sorted(sigs):
             ids = sorted((g[i] & set(sigs)))
             payloads[i] = RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.UNMASK, **base, Key.IDS: ids, Key.SIG: [sigs[j] for j in ids]})})
+                Key.STAGE: Stage.UNMASK, **base, Key.IDS: pack_ids(ids), Key.SIG: pack_blobs(sigs[j] for j in ids)})})
         replies = self.exchange(Stage.UNMASK, payloads)
         dead = u2 - u3
         b_shares: dict[int, list[bytes]] = {j: [] for j in u3}
@@ -394,9 +400,9 @@ class _Round:
         for holder, content in replies.items():
             try:
                 rec = content[RECORD]
-                ids = _get(rec, Key.IDS, "ints", max_len=self.k + 1)
-                kinds = _get(rec, Key.KIND, "ints", max_len=self.k + 1)
-                shares = _get(rec, Key.SHARES, "bytes-list", max_len=self.k + 1)
+                ids = _get(rec, Key.IDS, "ids", max_len=self.k + 1)
+                kinds = _get(rec, Key.KIND, "kinds", max_len=self.k + 1)
+                shares = _get(rec, Key.SHARES, "blobs", max_len=self.k + 1)
                 if not len(ids) == len(kinds) == len(shares) or len(set(ids)) != len(ids):
                     raise _Bad("malformed share list")
                 items = []

@@ -20,7 +20,10 @@ import server.secure_aggregation as sa
 from shared.secagg.protocol import resolve_k
 sa.resolve_k = resolve_k
 from server.secure_aggregation import SecAggConfig, secure_aggregate
-from shared.secagg.protocol import RECORD, RING_STYPE, STATE_RECORD, Key, Stage, connected, harary_graph, thresholds
+from shared.secagg.protocol import (
+    RECORD, RING_STYPE, STATE_RECORD, Key, Stage, connected, harary_graph, pack_blobs, pack_ids, thresholds, unpack_blobs,
+    unpack_ids,
+)
 from simulations.bench_secagg import InProcessGrid, make_train, train_messages
 from test_secagg_primitives import chi2_uniform_pvalue
 
@@ -173,8 +176,8 @@ def _collect_msgs_tamper(grid, node, fn):
     def deliver(msg):
         rec = msg.content.config_records.get(RECORD)
         if rec is not None and rec[Key.STAGE] == Stage.COLLECT and msg.metadata.dst_node_id == node:
-            src, ct = list(rec[Key.SRC]), list(rec[Key.CT])
-            rec[Key.SRC], rec[Key.CT] = fn(src, ct)
+            src, ct = fn(unpack_ids(rec[Key.SRC]), unpack_blobs(rec[Key.CT]))
+            rec[Key.SRC], rec[Key.CT] = pack_ids(src), pack_blobs(ct)
         return msg
     grid.on_deliver = deliver
 
@@ -202,7 +205,7 @@ def test_replayed_share_ciphertexts_rejected():
     _collect_msgs_tamper(grid, target, lambda src, ct: ([old_src[0]] + src + [src[0]], [old_ct[0]] + ct + [ct[0]]))
     res = secure_aggregate(grid, g, train_messages(nodes, g, server_round=2), SecAggConfig())
     assert res.error is None
-    rejected = [r.content[RECORD][Key.REJECTED] for r in grid.replies[-20:]
+    rejected = [unpack_ids(r.content[RECORD][Key.REJECTED]) for r in grid.replies[-20:]
                 if r.has_content() and r.content[RECORD].get(Key.STAGE) == Stage.COLLECT
                 and r.metadata.src_node_id == target]
     assert len(rejected[-1]) == 2 and set(rejected[-1]) <= set(old_src) | set(nodes)

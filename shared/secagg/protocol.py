@@ -105,10 +105,34 @@ def pack_ids(ids) -> bytes:
     return struct.pack(f"<{len(ids)}Q", *ids)
 
 
-def unpack_ids(blob) -> list[int]:
-    if not isinstance(blob, bytes) or len(blob) % 8 or len(blob) > 8 * MAX_NODES:
+def unpack_ids(blob, max_count: int = MAX_NODES) -> list[int]:
+    if not isinstance(blob, bytes) or len(blob) % 8 or len(blob) > 8 * max_count:
         raise ValueError("malformed node id list")
     return list(struct.unpack(f"<{len(blob) // 8}Q", blob))
+
+
+def pack_blobs(items) -> bytes:
+    """Per-peer byte strings (keys, signatures, ciphertexts, shares) as one bytes value, each
+    prefixed with its 2-byte length: one record entry per stage instead of a list whose every
+    element Flower type-checks and copies."""
+    return b"".join(struct.pack("<H", len(x)) + x for x in items)
+
+
+def unpack_blobs(blob, max_count: int = MAX_NODES, max_len: int = 4096) -> list[bytes]:
+    """Inverse of :func:`pack_blobs`; ValueError on anything else (truncated, too many, too long)."""
+    if not isinstance(blob, bytes):
+        raise ValueError("malformed byte-string list")
+    out, pos = [], 0
+    while pos < len(blob):
+        if len(out) >= max_count or pos + 2 > len(blob):
+            raise ValueError("malformed byte-string list")
+        (size,) = struct.unpack_from("<H", blob, pos)
+        pos += 2
+        if size > max_len or pos + size > len(blob):
+            raise ValueError("malformed byte-string list")
+        out.append(blob[pos: pos + size])
+        pos += size
+    return out
 
 
 def get_record(records, name: str, kind: type):
