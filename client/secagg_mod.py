@@ -93,19 +93,27 @@ def _wipe(context: Context) -> None:
 
 
 def _save_state(context: Context, state: dict) -> None:
-    """The round's state as one JSON value (bytes hex-tagged): a ConfigRecord key per field
-    would cost Flower's per-item type checks on every stage, for a record that never leaves
-    this node."""
-    def tag(v):
-        return {"b": v.hex()} if isinstance(v, bytes) else [tag(x) for x in v] if isinstance(v, list) else v
-    context.state[STATE_RECORD] = ConfigRecord({"json": json.dumps({k: tag(v) for k, v in state.items()})})
+    """The round's state as one JSON value, each key tagged with how its value is stored
+    (b: bytes as hex, B: list of bytes packed then hex, v: as is): a ConfigRecord key per
+    field would cost Flower's per-item type checks on every stage, for a record that never
+    leaves this node."""
+    enc = {}
+    for k, v in state.items():
+        if isinstance(v, bytes):
+            enc["b" + k] = v.hex()
+        elif isinstance(v, list) and v and isinstance(v[0], bytes):
+            enc["B" + k] = pack_blobs(v).hex()
+        else:
+            enc["v" + k] = v
+    context.state[STATE_RECORD] = ConfigRecord({"json": json.dumps(enc)})
 
 
 def _stored_state(context: Context) -> dict | None:
-    def untag(v):
-        return bytes.fromhex(v["b"]) if isinstance(v, dict) else [untag(x) for x in v] if isinstance(v, list) else v
     rec = get_record(context.state, STATE_RECORD, ConfigRecord)
-    return None if rec is None else {k: untag(v) for k, v in json.loads(rec["json"]).items()}
+    if rec is None:
+        return None
+    decode = {"b": bytes.fromhex, "B": lambda v: unpack_blobs(bytes.fromhex(v)), "v": lambda v: v}
+    return {k[1:]: decode[k[0]](v) for k, v in json.loads(rec["json"]).items()}
 
 
 def _load_state(context: Context, cfg: ConfigRecord) -> dict:

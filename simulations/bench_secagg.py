@@ -52,6 +52,18 @@ def ensure_task_identity() -> None:
 TrainFn = Callable[[Message, Context], Message]
 
 
+_KEYS: dict[tuple[int, ...], tuple[Path, Path]] = {}
+
+
+def _owner_keys(nodes: tuple[int, ...]) -> tuple[Path, Path]:
+    """(key folder, roster) for these nodes, made once per process: owners' signing keys are
+    long-lived, so every round after the first finds them in the identity cache, as in a run."""
+    if nodes not in _KEYS:
+        key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
+        _KEYS[nodes] = key_dir, make_simulation_keys(key_dir, [f"node-{nid}" for nid in nodes])
+    return _KEYS[nodes]
+
+
 class InProcessGrid(Grid):
     """Delivers each message to its node's ``mod(msg, context, train)`` and returns the replies.
 
@@ -64,8 +76,7 @@ class InProcessGrid(Grid):
         ensure_task_identity()
         self.trains = trains
         self.mod = mod
-        self.key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
-        roster = make_simulation_keys(self.key_dir, [f"node-{nid}" for nid in trains])
+        self.key_dir, roster = _owner_keys(tuple(trains))
         self.contexts = {nid: Context(1, nid, {"secagg-key": str(self.key_dir / f"node-{nid}"),
                                                "secagg-roster": str(roster)}, RecordDict(), {}) for nid in trains}
         self.roster_dir = roster
