@@ -142,18 +142,23 @@ def _get(rec: ConfigRecord, key: str, kind, *, size: int | None = None, max_len:
     elif kind is int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise _Bad(f"malformed {key!r}")
-    elif kind in ("ids", "blobs", "kinds"):
+    elif kind in _PACKED:
         try:
-            if kind == "ids":
-                return unpack_ids(v, max_len)
-            if kind == "blobs":
-                return unpack_blobs(v, max_len)
-            if not isinstance(v, bytes) or len(v) > max_len:
-                raise ValueError
-            return list(v)
+            return _PACKED[kind](v, max_len)
         except ValueError:
             raise _Bad(f"malformed {key!r}") from None
     return v
+
+
+def _unpack_kinds(blob, max_count: int) -> list[int]:
+    """Share kinds at unmask, one byte each (0: self-mask seed, 1: mask key)."""
+    if not isinstance(blob, bytes) or len(blob) > max_count:
+        raise ValueError("malformed share kinds")
+    return list(blob)
+
+
+_PACKED = {"ids": unpack_ids, "blobs": unpack_blobs, "kinds": _unpack_kinds}
+"""Packed per-peer fields (see ``shared/secagg/protocol.py``), each parsed with a count cap."""
 
 
 def _threshold_request(threshold, n: int) -> int:
