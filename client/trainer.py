@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client import secure_random
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
-from shared.data import trim_padding
+from shared.data import trim_batch
 from shared.frozen_prefix import training_view
 from shared.lora import model_key
 from shared.tasks import Task, get_task
@@ -42,7 +42,7 @@ def _step(model: torch.nn.Module, batch, optimizer, task: Task) -> float | None:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
         return None
-    inputs, attention_mask = trim_padding(inputs, attention_mask)
+    inputs, attention_mask, labels = trim_batch(inputs, attention_mask, labels)
     loss = task.loss(model, inputs, attention_mask, labels)
     loss.backward()
     optimizer.step()
