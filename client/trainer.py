@@ -78,8 +78,9 @@ def head_only(cfg: FedConfig, server_round: int) -> bool:
     """LP-FT: the first --head-rounds rounds train the task head alone (a DP linear
     probe on the frozen features); the adapters join once the head is sensible, so
     their early, noisy gradients do not chase a random head. Never more than half the
-    rounds: a short run still fine-tunes."""
-    return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2)
+    rounds: a short run still fine-tunes. A task without a head (generate: the causal
+    LM's own, frozen, vocabulary projection) trains its adapters from round 1."""
+    return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2) and not get_task(cfg).generative
 
 
 def parameter_groups(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0) -> list[dict]:
