@@ -334,7 +334,7 @@ def _load(cfg_key: str) -> FederatedData:
     if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
         test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
         train = test.iloc[0:0]
-        labels = cfg.label_names or derive_labels(test)
+        labels = cfg.label_names or (derive_labels(test) if "label" in test.columns else [])
     elif not cfg.data:
         generate = {"click": synthetic_clicks, "generate": synthetic_copy}.get(cfg.task, synthetic_federation)
         train, test = generate(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)

@@ -62,7 +62,7 @@ def test_loss_is_on_response_tokens_only(gen_cfg):
     task = get_task("generate")
     one = [t[:1, : int(mask[0].sum())] for t in data.tensors]
     ours = task.loss(model, *one).detach()
-    assert float(ours) == pytest.approx(float(model(one[0], attention_mask=one[1], labels=one[2]).loss), rel=1e-5)
+    assert float(ours) == pytest.approx(float(model(one[0], attention_mask=one[1], labels=one[2]).loss.detach()), rel=1e-5)
     # the prompt is context, not a target: a different prompt token changes the loss only through the response
     scores = evaluate(model, data, 0, task=task)
     assert scores["response_tokens"] == int((labels[:, 1:] >= 0).sum()) and scores["perplexity"] > 1
