@@ -11,7 +11,6 @@ failure go to `<home>/client.log`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import socket
@@ -19,6 +18,8 @@ import sys
 from pathlib import Path
 
 from typing import TYPE_CHECKING
+
+import tomli_w
 
 from shared.flower_process import flower_bin, split_address, start_foreground
 from shared.errors import FedLoraError
@@ -71,10 +72,6 @@ def check_node_key(path: Path) -> None:
         raise FedLoraError(f"{path} is not an OpenSSH private key ({exc}); use the key `fedlora certs` made") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise FedLoraError(f"{path} must be an ECDSA (NIST curve) key for Flower's SuperNode authentication")
-
-
-def node_config_toml(values: dict[str, object]) -> str:
-    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
 
 
 def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, data: Path,
@@ -131,7 +128,7 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
             raise FedLoraError("--secagg-min-fraction must be in [0, 1]")
         values["secagg-min-fraction"] = float(secagg_min_fraction)
     node_config = home / "node-config.toml"  # local only: read by this SuperNode, never uploaded
-    node_config.write_text(node_config_toml(values), encoding="utf-8")
+    node_config.write_text(tomli_w.dumps(values), encoding="utf-8")
 
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", str(node_config),
            "--port", str(free_port())]

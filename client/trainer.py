@@ -83,14 +83,35 @@ def head_only(cfg: FedConfig, server_round: int) -> bool:
     return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2) and not get_task(cfg).generative
 
 
-def parameter_groups(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0) -> list[dict]:
+ADAM_REFERENCE_STEPS = 8
+"""Local steps per round at which --lr applies as given to Adam under DP (see adam_step_scale)."""
+
+
+def adam_step_scale(cfg: FedConfig, steps: float | None) -> float:
+    """Adam's rate under DP is a budget per round, spread over the round's local steps.
+
+    Adam moves every coordinate by about its rate at each step, whether that coordinate
+    holds signal or only DP noise, so a round of T steps moves B about T times the rate:
+    an owner with 24 steps a round (3,000 rows at batch 128) overshoots where one with 6
+    settles, and its noise-only coordinates drift the most. Scaling the rate by
+    ADAM_REFERENCE_STEPS / T (never up) keeps every owner's movement per round at that of
+    an 8-step round, so large owners add less noise, not more drift.
+    """
+    if not cfg.dp or not steps or steps <= ADAM_REFERENCE_STEPS:
+        return 1.0
+    return ADAM_REFERENCE_STEPS / steps
+
+
+def parameter_groups(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0,
+                     steps: float | None = None) -> list[dict]:
     """The LoRA B matrices and the task head learn at their own rates (and, by default,
     with their own algorithm).
 
     The head's per-example gradients are ~20x larger than B's. The head follows SGD with
     momentum, whose rate under DP is per unit of clipped gradient (divided by the
     clipping norm), so --max-grad-norm changes how much is clipped, not how far a step
-    goes. B's signal is weak next to the noise, so it follows Adam (per-coordinate steps).
+    goes. B's signal is weak next to the noise, so it follows Adam (per-coordinate steps),
+    at a rate per round (`adam_step_scale`; `steps` is the round's expected local steps).
     """
     adapter, head = _split(model)
     head_algo = "adam" if cfg.optimizer == "adam" else "sgd"
@@ -98,7 +119,9 @@ def parameter_groups(model: torch.nn.Module, cfg: FedConfig, server_round: int =
 
     def rate(lr: float, algo: str) -> float:
         lr *= round_scale(cfg, server_round)
-        return lr / cfg.max_grad_norm if (cfg.dp and algo == "sgd") else lr
+        if algo == "adam":
+            return lr * adam_step_scale(cfg, steps)
+        return lr / cfg.max_grad_norm if cfg.dp else lr
 
     groups = ({"params": adapter, "lr": rate(cfg.lr, adapter_algo), "algo": adapter_algo},
               {"params": head, "lr": rate(cfg.head_lr, head_algo), "algo": head_algo})
@@ -136,8 +159,9 @@ class GroupOptimizer(torch.optim.Optimizer):
         return loss
 
 
-def make_optimizer(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, cfg, server_round)
+def make_optimizer(model: torch.nn.Module, cfg: FedConfig, server_round: int = 0,
+                   steps: float | None = None) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, cfg, server_round, steps)
     return torch.optim.Adam(groups) if cfg.optimizer == "adam" else GroupOptimizer(groups)
 
 
@@ -185,8 +209,9 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     full_model = model
     model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg))
     model.train()
-    optimizer = make_optimizer(model, cfg, server_round)
-    loader = DataLoader(dataset, batch_size=plan.batch_size if plan is not None else cfg.batch_size, shuffle=True)
+    batch_size = plan.batch_size if plan is not None else cfg.batch_size
+    optimizer = make_optimizer(model, cfg, server_round, steps=cfg.local_epochs * len(dataset) / batch_size)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     if not cfg.dp:
         losses = [_step(model, batch, optimizer, task) for _ in range(cfg.local_epochs) for batch in loader]
         full_model.eval()

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import tomli_w
+
 from fedlora.flags import add_config_flags, config_from_args
 from shared.errors import FedLoraError
 
@@ -118,14 +120,6 @@ def stage_app(root: Path, dest: Path) -> Path:
     return dest
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
 def deploy_config(args: argparse.Namespace):
     if args.num_clients is None:
         raise FedLoraError("--num-clients is required: the number of client agents (SuperNodes) to wait for")
@@ -158,7 +152,7 @@ def submit_run(cfg, superlink: str, root_cert: Path | None, insecure: bool = Fal
         home = tmp_path / "flwr-home"
         write_cli_config(home, superlink, None if insecure else root_cert)
         run_config = tmp_path / "run-config.toml"
-        run_config.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in cfg.to_run_config().items()),
+        run_config.write_text(tomli_w.dumps(cfg.to_run_config()),
                               encoding="utf-8")
         cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
         if stream:

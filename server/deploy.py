@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import tomli_w
+
 from shared.certs import CA_CERT, SERVER_CERT, SERVER_KEY, SUPERNODES, allowed_public_keys
 from shared.errors import FedLoraError
 from shared.flower_process import flower_bin, split_address, start_foreground
@@ -50,11 +52,9 @@ def write_cli_config(flwr_home: Path, address: str, root_cert: Path | None) -> N
     """A Flower CLI config naming one SuperLink connection, `fedlora`: TLS with `root_cert`,
     or plaintext when it is None (`--insecure`, tests only)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    tls = "insecure = true\n" if root_cert is None else f"root-certificates = {json.dumps(str(root_cert.resolve()))}\n"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = {json.dumps(address)}\n' + tls,
-        encoding="utf-8",
-    )
+    tls = {"insecure": True} if root_cert is None else {"root-certificates": str(root_cert.resolve())}
+    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": address, **tls}}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
 
 
 def register_node_keys(keys: list[Path], address: str, ca: Path, cli_home: Path) -> list[str]:

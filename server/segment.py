@@ -73,14 +73,14 @@ def _aggregate(grid: Grid, cfg: FedConfig, messages: list[Message], length: int)
 
         result = secure_aggregate(grid, messages[0].content["arrays"], messages, SecAggConfig(
             threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None,
-            timeout=cfg.secagg_timeout, update_bound=STATS_BOUND, equal_weights=True, bits=64))
+            timeout=cfg.stage_timeout, update_bound=STATS_BOUND, equal_weights=True, bits=64))
         metrics = [dict(m) for m in result.metrics]
         if result.error or result.arrays is None or result.total_weight <= 0:
             return None, 0, metrics, result.error or "no owner contributed"
         # the mean of equal-weight deltas from zero, times the number of contributors: the sum
         return result.arrays[STATS_KEY].numpy().astype(np.float64) * result.total_weight, result.total_weight, metrics, None
     total, n, metrics = np.zeros(length), 0, []
-    for reply in grid.send_and_receive(messages, timeout=cfg.secagg_timeout):
+    for reply in grid.send_and_receive(messages, timeout=cfg.stage_timeout):
         if reply.has_error():
             continue
         m = dict(reply.content["metrics"])
@@ -104,7 +104,7 @@ def run_segment(grid: Grid, cfg: FedConfig, num_nodes: int, dim: int, console: C
     releases = cfg.segment_rounds + 1
     # public schedule, for the server's own post-processing only (owners use their own, maybe tighter)
     zs = noise_schedule(cfg.segment_epsilon, cfg.delta, releases) if cfg.dp else [0.0] * releases
-    nodes = _wait_for_nodes(grid, num_nodes, cfg.secagg_timeout)
+    nodes = _wait_for_nodes(grid, num_nodes, cfg.stage_timeout)
     run = SegmentRun(centroids=initial_directions(k, dim, cfg.seed))
     center = None  # the federated mean, once released
     for release in range(1, releases + 1):
@@ -141,7 +141,7 @@ def run_segment(grid: Grid, cfg: FedConfig, num_nodes: int, dim: int, console: C
         console.print(f"release {release}/{releases} ({row['stage']}): {contributors} owners"
                       + (f", epsilon max {row['epsilon_max']:.3f}" if row["epsilon_max"] is not None else ""))
     replies = grid.send_and_receive(_messages(nodes, cfg, releases + 1, "assign", releases, releases, run.centroids),
-                                    timeout=cfg.secagg_timeout)
+                                    timeout=cfg.stage_timeout)
     run.owners_written = sum(1 for r in replies if not r.has_error() and not r.content["metrics"].get("declined", 0))
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

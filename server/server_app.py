@@ -43,7 +43,7 @@ def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_r
     from server.secure_aggregation import SecAggConfig, SecureAggregation
 
     secure = SecureAggregation(strategy, SecAggConfig(
-        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None, timeout=cfg.secagg_timeout,
+        threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None, timeout=cfg.stage_timeout,
         max_weight=cfg.secagg_max_weight,
     ))
     new_arrays, result, _ = secure.train_round(grid, server_round, arrays, ConfigRecord(cfg.to_run_config()))

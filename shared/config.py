@@ -16,6 +16,10 @@ from typing import Any, Mapping
 from shared.errors import FedLoraError
 
 
+DEPLOYMENT_STAGE_TIMEOUT = 300.0
+"""Default seconds a secure-aggregation stage waits for deployed owners' replies."""
+
+
 @dataclass
 class FedConfig:
     # task (shared/tasks/): what the model predicts from which columns
@@ -67,7 +71,7 @@ class FedConfig:
     secure_agg: bool = True
     secagg_threshold: float = 0.0  # 0: protocol default
     secagg_neighbours: int = 0  # 0: protocol default
-    secagg_timeout: float = 300.0  # seconds each secure-aggregation stage waits for replies
+    secagg_timeout: float = field(default=0.0, metadata={"help": "seconds each secure-aggregation stage waits for replies (0: 300 in deployment; in simulation no limit, as virtual clients train one after another)"})
     secagg_max_weight: int = 16384  # cap on one client's weight (examples) in the masked sum; 1: equal weights
     # outputs and resources
     local_baseline: bool = field(default=False, metadata={"help": "simulation: also train each owner alone at the same budget and compare"})
@@ -127,8 +131,8 @@ class FedConfig:
             raise FedLoraError("--max-length must be 0 (from the data) or positive, --max-length-cap at least 8")
         if self.batch_size < 1:
             raise FedLoraError("--batch-size must be at least 1")
-        if self.secagg_max_weight < 1 or not self.secagg_timeout > 0:
-            raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout positive")
+        if self.secagg_max_weight < 1 or self.secagg_timeout < 0:
+            raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout 0 (automatic) or positive")
         if self.segment_k < 2 or self.segment_rounds < 1:
             raise FedLoraError(f"--k must be at least 2 and --rounds at least 1, got {self.segment_k} and {self.segment_rounds}")
         if self.dp and not (0 < self.segment_epsilon < float("inf")):
@@ -141,6 +145,13 @@ class FedConfig:
     @property
     def label_names(self) -> list[str]:
         return json.loads(self.labels) if self.labels else []
+
+    @property
+    def stage_timeout(self) -> float:
+        """Seconds a secure-aggregation stage waits: --secagg-timeout, or 300 in deployment,
+        where owners train in parallel and a silent one has gone. A simulation sets its
+        own before it starts (`simulations/run.py::for_simulation`)."""
+        return self.secagg_timeout or DEPLOYMENT_STAGE_TIMEOUT
 
     def replace(self, **changes: Any) -> "FedConfig":
         return dataclasses.replace(self, **changes)

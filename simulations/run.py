@@ -57,11 +57,24 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
     return len(parts.kept)
 
 
+SIMULATION_STAGE_TIMEOUT = 24 * 3600.0
+
+
+def for_simulation(cfg: FedConfig) -> FedConfig:
+    """The simulation's own stage timeout unless --secagg-timeout names one. Virtual clients
+    train one after another on a few workers, so a stage lasts as long as all of their
+    training (minutes per owner on a loaded CPU); a client that has not replied is still
+    computing, and one whose worker dies comes back at once as an error. A deployment's
+    300 s would drop the owners queued last and waste the budget they spent."""
+    return cfg if cfg.secagg_timeout else cfg.replace(secagg_timeout=SIMULATION_STAGE_TIMEOUT)
+
+
 def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = False) -> dict:
     """Run the federation and return the summary written to `cfg.output/summary.json`."""
     from server.server_app import run_server
 
     console = console or Console()
+    cfg = for_simulation(cfg)
     num_nodes = preflight(cfg, console)
     report = run_flower(cfg, num_nodes, lambda grid: run_server(grid, cfg, console), verbose)
     if cfg.output:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from shared.config import FedConfig
 from shared.errors import FedLoraError
-from simulations.run import run_flower
+from simulations.run import for_simulation, run_flower
 
 
 def preflight(cfg: FedConfig, console: Console) -> tuple[tuple[str, ...], int]:
@@ -83,6 +83,7 @@ def simulate_segment(cfg: FedConfig, console: Console | None = None, verbose: bo
     from server.segment import run_segment
 
     console = console or Console()
+    cfg = for_simulation(cfg)
     t0 = time.perf_counter()
     names, dim = preflight(cfg, console)
     run = run_flower(cfg, len(names), lambda grid: run_segment(grid, cfg, len(names), dim, console), verbose)

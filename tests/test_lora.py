@@ -97,3 +97,20 @@ def test_head_and_adapter_learn_at_their_own_rates(tiny_cfg):
     assert by_lr[0.03] and all("lora_B" in n for n in by_lr[0.03])
     assert by_lr[0.2] and all("modules_to_save" in n for n in by_lr[0.2])
     assert by_lr[0.03] | by_lr[0.2] == set(trainable_state(model))
+
+
+def test_adams_rate_under_dp_is_a_budget_per_round(tiny_cfg):
+    """An owner with three times the reference steps a round gets a third of Adam's rate
+    under DP; short rounds, non-private runs and the head's SGD rate keep theirs."""
+    from client.trainer import ADAM_REFERENCE_STEPS, parameter_groups
+
+    cfg = tiny_cfg.replace(dp=True, optimizer="mixed", lr=0.03, head_lr=4.0, max_grad_norm=1.0)
+    model, _ = build_model(cfg, 2)
+
+    def rates(c, steps):
+        return {g["algo"]: g["lr"] for g in parameter_groups(model, c, steps=steps)}
+
+    long_round = rates(cfg, 3 * ADAM_REFERENCE_STEPS)
+    assert abs(long_round["adam"] - 0.01) < 1e-12 and long_round["sgd"] == 4.0
+    assert rates(cfg, ADAM_REFERENCE_STEPS / 2)["adam"] == 0.03
+    assert rates(cfg.replace(dp=False), 3 * ADAM_REFERENCE_STEPS)["adam"] == 0.03

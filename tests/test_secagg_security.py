@@ -316,7 +316,10 @@ def test_secrets_wiped_when_round_ends_or_aborts(fail_at):
 def test_stage_timeout_is_configurable_with_a_default_of_minutes():
     assert 60 <= SecAggConfig().timeout <= 600
     from shared.config import FedConfig
-    assert FedConfig().secagg_timeout == SecAggConfig().timeout
+    assert FedConfig().stage_timeout == SecAggConfig().timeout  # deployment
+    from simulations.run import for_simulation
+    assert for_simulation(FedConfig()).stage_timeout > 3600  # virtual clients queue on a few workers
+    assert for_simulation(FedConfig(secagg_timeout=12.5)).stage_timeout == 12.5
     g, nodes, deltas, weights, grid = setup_round(3, n_params=100, seed=45)
     seen = []
     real = grid.send_and_receive
