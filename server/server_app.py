@@ -60,7 +60,8 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
         cfg = cfg.replace(labels=json.dumps(fed.labels))
     output = Path(cfg.output)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",
+                  task=cfg.task, model=model)
     # per-owner scores when the test rows name their owner (the partition column)
     groups = row_owners(cfg, fed.test)
 
@@ -93,6 +94,8 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
             save_checkpoint(model, output, server_round, cfg.to_run_config())
             row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0)
             progress.update(task, advance=1, status=status_line(get_task(cfg), row))
+    if get_task(cfg).after_run is not None and start <= cfg.rounds:  # e.g. sampled generations for a person to read
+        get_task(cfg).after_run(model, tokenizer, fed.test, output)
     report.write()
     report.plot()
     report.print_table(console)

@@ -23,7 +23,7 @@ DEPLOYMENT_STAGE_TIMEOUT = 300.0
 @dataclass
 class FedConfig:
     # task (shared/tasks/): what the model predicts from which columns
-    task: str = field(default="classify", metadata={"help": "classify (default: text -> label) or click (profile + offer -> clicked 0/1)"})
+    task: str = field(default="classify", metadata={"help": "classify (default: text -> label), click (profile + offer -> clicked 0/1) or generate (prompt -> response copy, a causal LM; default model smollm2-135m)"})
     # model and adapter
     model: str = field(default="minilm", metadata={"help": "minilm (default), smollm2-135m, tiny-bert, or a local model folder / HF id"})
     lora: str = field(default="ffa", metadata={"help": "ffa (A frozen from a shared seed, only B trains) or plain"})
@@ -40,6 +40,8 @@ class FedConfig:
     label_column: str = field(default="label", metadata={"help": "the label column; click: 0/1 (default: label)"})
     profile_column: str = field(default="profile", metadata={"help": "click: the customer profile and history column (default: profile)"})
     offer_column: str = field(default="offer", metadata={"help": "click: the offer text column (default: offer)"})
+    prompt_column: str = field(default="prompt", metadata={"help": "generate: the instruction / prompt column (default: prompt)"})
+    response_column: str = field(default="response", metadata={"help": "generate: the response (copy) column the model learns to write (default: response)"})
     partition_by: str = field(default="brand", metadata={"help": "natural partitioning: one client per value of this column"})
     partition: str = field(default="iid", metadata={"help": "iid or dirichlet:ALPHA (used when --partition-by is not set)"})
     labels: str = field(default="", metadata={"help": "JSON list fixing the global label set (default: from the training data)"})

@@ -57,7 +57,8 @@ def attach_lora(model: PreTrainedModel, cfg: FedConfig) -> PeftModel:
             if "lora_A" in name:
                 param.requires_grad_(False)
     for name, param in peft_model.named_parameters():
-        if "embeddings" in name:  # Opacus has no grad sampler for embeddings
+        # Opacus has no grad sampler for embeddings; a causal LM's lm_head is tied to them
+        if "embeddings" in name or "embed_tokens" in name or "lm_head" in name:
             param.requires_grad_(False)
     return peft_model
 

@@ -28,13 +28,15 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
     fed = load_federation(cfg)
     parts = partitioning(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",
+                  task=cfg.task, model=model)
     groups = row_owners(cfg, fed.test)
     eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
     results: dict[str, dict] = {}
     for pid, name in enumerate(parts.names):
         frame = client_partition(cfg, pid)
-        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model), name)
+        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model), name,
+                      task=cfg.task, model=model)
         entry: dict = {"rows": len(data)}
         load_trainable_state(model, model.fedlora_initial_state)
         ledger, plan = None, None
