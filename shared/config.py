@@ -59,6 +59,7 @@ class FedConfig:
     lr: float = field(default=0.03, metadata={"help": "learning rate of the LoRA adapter tensors"})
     head_lr: float = field(default=4.0, metadata={"help": "learning rate of the task head"})
     head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
+    release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = 0
     # privacy
@@ -125,6 +126,8 @@ class FedConfig:
                 raise FedLoraError(f"--delta must be in (0, 1), got {self.delta}")
         if not (self.lr > 0 and self.head_lr > 0):
             raise FedLoraError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}")
+        if not 0 <= self.release_average < 1:
+            raise FedLoraError(f"--release-average must be in [0, 1), got {self.release_average}")
         if not self.max_grad_norm > 0:
             raise FedLoraError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.max_length < 0 or self.max_length_cap < 8:

@@ -103,6 +103,22 @@ def trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
     }
 
 
+def release_average(previous: dict[str, np.ndarray] | None, current: dict[str, np.ndarray],
+                    weight: float) -> dict[str, np.ndarray]:
+    """The model a run evaluates, saves and releases: an exponential average over rounds of
+    the trained states, `weight` on the previous average (0: the latest state as is).
+
+    Each round's DP aggregate carries that round's noise and the pull of the owners' label
+    mixes, so the raw global swings from round to round (airline tweets, 6 owners, eps 8:
+    macro-F1 0.735, 0.679, 0.700 in rounds 2-4); averaging the iterates, as De et al. (2022)
+    do for DP-SGD, averages the noise away (0.710, 0.733, 0.734 with weight 0.5). It is
+    post-processing of what was already released: no privacy cost. Training continues from
+    the latest state, not from the average."""
+    if previous is None or weight <= 0:
+        return current
+    return {k: (weight * previous[k] + (1 - weight) * current[k]).astype(current[k].dtype) for k in current}
+
+
 def load_trainable_state(model: PeftModel, state: dict[str, np.ndarray]) -> None:
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
