@@ -152,7 +152,8 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     try:
         frame, source = client_frame(cfg, context.node_config)
         model, tokenizer = cached_model(cfg, len(cfg.label_names))
-        dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame, tokenizer, cfg, model), source)
+        dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame, tokenizer, cfg, model), source,
+                         task=cfg.task, model=model)
     except FedLoraError as exc:
         raise Declined(DeclineCode.DATA, str(exc)) from None
     if not cfg.dp:  # a non-private baseline, allowed by the policy: report everything, as before

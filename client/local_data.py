@@ -20,6 +20,8 @@ def client_frame(cfg: FedConfig, node_config: Mapping) -> tuple[pd.DataFrame, st
             label_column=str(node_config.get("label-column", cfg.label_column)),
             profile_column=str(node_config.get("profile-column", cfg.profile_column)),
             offer_column=str(node_config.get("offer-column", cfg.offer_column)),
+            prompt_column=str(node_config.get("prompt-column", cfg.prompt_column)),
+            response_column=str(node_config.get("response-column", cfg.response_column)),
         )
         return normalize(read_table(path), owner_cfg, path), path
     if "partition-id" not in node_config:

@@ -17,19 +17,21 @@ fails or arrives out of order, and replaced when a new round starts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, harary_graph,
-    nodes_digest, pack_ids, resolve_k, survivors_bytes, thresholds, unpack_ids,
+    MASKED_RECORD, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, get_record, harary_graph,
+    nodes_digest, pack_blobs, pack_ids, resolve_k, ring_array, survivors_bytes, thresholds, unpack_blobs, unpack_ids,
 )
 from shared.secagg.quantize import RingFormat
 from shared.secagg.quantize import encode_clipped as encode
@@ -46,13 +48,9 @@ class SecAggClientError(RuntimeError):
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    if (
-        msg.metadata.message_type != MessageType.TRAIN
-        or not msg.has_content()
-        or RECORD not in msg.content.config_records
-    ):
+    cfg = get_record(msg.content, RECORD, ConfigRecord) if msg.has_content() else None
+    if msg.metadata.message_type != MessageType.TRAIN or cfg is None:
         return call_next(msg, context)
-    cfg = msg.content.config_records[RECORD]
     node = int(context.node_id)
     try:
         if msg.metadata.dst_node_id != node:
@@ -78,7 +76,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         if stage == Stage.UNMASK:
             _wipe(context)
         else:
-            context.state.config_records[STATE_RECORD] = ConfigRecord(state)
+            _save_state(context, state)
     except Exception as exc:
         _wipe(context)  # an aborted round leaves no secret behind, whatever went wrong
         if isinstance(exc, (identity.IdentityError, KeyError, TypeError, ValueError, OverflowError)):
@@ -90,15 +88,39 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
 
 
 def _wipe(context: Context) -> None:
-    if STATE_RECORD in context.state.config_records:
-        del context.state.config_records[STATE_RECORD]
+    if STATE_RECORD in context.state:
+        del context.state[STATE_RECORD]
+
+
+def _save_state(context: Context, state: dict) -> None:
+    """The round's state as one JSON value, each key tagged with how its value is stored
+    (b: bytes as hex, B: list of bytes packed then hex, v: as is): a ConfigRecord key per
+    field would cost Flower's per-item type checks on every stage, for a record that never
+    leaves this node."""
+    enc = {}
+    for k, v in state.items():
+        if isinstance(v, bytes):
+            enc["b" + k] = v.hex()
+        elif isinstance(v, list) and v and isinstance(v[0], bytes):
+            enc["B" + k] = pack_blobs(v).hex()
+        else:
+            enc["v" + k] = v
+    context.state[STATE_RECORD] = ConfigRecord({"json": json.dumps(enc)})
+
+
+def _stored_state(context: Context) -> dict | None:
+    rec = get_record(context.state, STATE_RECORD, ConfigRecord)
+    if rec is None:
+        return None
+    decode = {"b": bytes.fromhex, "B": lambda v: unpack_blobs(bytes.fromhex(v)), "v": lambda v: v}
+    return {k[1:]: decode[k[0]](v) for k, v in json.loads(rec["json"]).items()}
 
 
 def _load_state(context: Context, cfg: ConfigRecord) -> dict:
     """Current-round state; rejects out-of-order, repeated or foreign-session steps."""
-    if STATE_RECORD not in context.state.config_records:
+    state = _stored_state(context)
+    if state is None:
         raise SecAggClientError("no secure-aggregation round in progress")
-    state = dict(context.state.config_records[STATE_RECORD])
     if cfg.get(Key.SID) != state["sid"] or cfg.get(Key.ROUND) != state["round"]:
         raise SecAggClientError("message belongs to another secure-aggregation session")
     if ORDER.get(state["stage"]) != cfg.get(Key.STAGE):
@@ -107,10 +129,18 @@ def _load_state(context: Context, cfg: ConfigRecord) -> dict:
     return state
 
 
-def _int_list(value, what: str) -> list[int]:
-    if not isinstance(value, list) or len(value) > MAX_NODES or not all(isinstance(x, int) and x >= 0 for x in value):
-        raise SecAggClientError(f"malformed {what}")
-    return [int(x) for x in value]
+def _ids(value, what: str) -> list[int]:
+    try:
+        return unpack_ids(value)
+    except ValueError:
+        raise SecAggClientError(f"malformed {what}") from None
+
+
+def _blobs(value, what: str) -> list[bytes]:
+    try:
+        return unpack_blobs(value)
+    except ValueError:
+        raise SecAggClientError(f"malformed {what}") from None
 
 
 def _min_fraction(context: Context) -> float:
@@ -152,8 +182,8 @@ def _setup(cfg: ConfigRecord, node: int, context: Context) -> tuple[dict, dict]:
 
 
 def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict:
-    ids = _int_list(cfg[Key.IDS], "advertisement list")
-    cols = [list(cfg[x]) for x in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)]
+    ids = _ids(cfg[Key.IDS], "advertisement list")
+    cols = [_blobs(cfg[x], "advertisement list") for x in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)]
     if any(len(c) != len(ids) for c in cols) or len(set(ids)) != len(ids):
         raise SecAggClientError("malformed advertisement list")
     if not set(ids) <= set(state["neighbours"]):
@@ -201,13 +231,13 @@ def _share_keys(cfg: ConfigRecord, node: int, state: dict, context: Context) -> 
     state["ids"], state["pk-s"], state["fps"] = ok_ids, pk_s, fps
     state["share-keys"] = [keys[j] for j in ok_ids]
     del state["c-sk"]  # no longer needed
-    return {Key.DST: dsts, Key.CT: cts, Key.REJECTED: bad}
+    return {Key.DST: pack_ids(dsts), Key.CT: pack_blobs(cts), Key.REJECTED: pack_ids(bad)}
 
 
 def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
     """Decrypt relayed shares; returns the sources whose ciphertext was rejected."""
     key_of = dict(zip(state["ids"], state["share-keys"]))
-    srcs, cts = _int_list(cfg[Key.SRC], "share sources"), list(cfg[Key.CT])
+    srcs, cts = _ids(cfg[Key.SRC], "share sources"), _blobs(cfg[Key.CT], "share list")
     if len(srcs) != len(cts):
         raise SecAggClientError("malformed share list")
     held_ids, held_b, held_sk, rejected = [], [], [], []
@@ -234,13 +264,13 @@ def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
 
 def _flat_delta(global_arrays: ArrayRecord, local: ArrayRecord) -> np.ndarray:
     """local - global as one float64 vector (one pass per tensor, no intermediate copies)."""
-    gs = [(key, garr.numpy()) for key, garr in global_arrays.items()]
+    gs = [(key, array_view(garr)) for key, garr in global_arrays.items()]
     out = np.empty(sum(g.size for _, g in gs), dtype=np.float64)
     pos = 0
     for key, g in gs:
         if key not in local:
             raise SecAggClientError(f"trained arrays lack {key!r}")
-        l = local[key].numpy()
+        l = array_view(local[key])
         if g.shape != l.shape:
             raise SecAggClientError(f"shape mismatch for {key!r}: {l.shape} vs {g.shape}")
         np.subtract(l.reshape(-1), g.reshape(-1), out=out[pos: pos + g.size], dtype=np.float64)
@@ -263,23 +293,23 @@ def _ring_format(cfg: ConfigRecord, n: int) -> RingFormat:
 def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: Context,
              call_next: ClientAppCallable) -> tuple[dict, dict]:
     rejected = _receive_shares(cfg, node, state)
-    mask_nbrs = _int_list(cfg[Key.MASK_NBRS], "mask neighbours")
+    mask_nbrs = _ids(cfg[Key.MASK_NBRS], "mask neighbours")
     if not set(mask_nbrs) <= set(state["ids"]) or len(set(mask_nbrs)) != len(mask_nbrs):
         raise SecAggClientError("mask neighbours must be authenticated neighbours of mine")
     state["mask-nbrs"] = sorted(mask_nbrs)
     fmt = _ring_format(cfg, state["n"])
-    global_arrays = msg.content.array_records.get("arrays", ArrayRecord())
+    global_arrays = get_record(msg.content, "arrays", ArrayRecord) or ArrayRecord()
     del msg.content[RECORD]
-    context.state.config_records[SECAGG_ACTIVE] = ConfigRecord({
+    context.state[SECAGG_ACTIVE] = ConfigRecord({
         "t-global": int(state["t"]), "t-local": int(state["t-local"]), "group-size": len(state["ids"]) + 1})
     try:
         reply = call_next(msg, context)
     finally:
-        del context.state.config_records[SECAGG_ACTIVE]
+        del context.state[SECAGG_ACTIVE]
     if reply.has_error():
         raise SecAggClientError(f"local training failed: {reply.error.reason}")
-    metrics = reply.content.metric_records.get("metrics", MetricRecord())
-    local = reply.content.array_records.get("arrays", ArrayRecord())
+    metrics = get_record(reply.content, "metrics", MetricRecord) or MetricRecord()
+    local = get_record(reply.content, "arrays", ArrayRecord) or ArrayRecord()
     weight = int(metrics.get("num-examples", 1))  # under DP no count leaves the client: each owner weighs 1
     declined = bool(metrics.get("declined", 0)) or len(local) == 0 or weight <= 0
     n_params = sum(int(np.prod(a.shape)) for a in global_arrays.values())
@@ -296,7 +326,8 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
     del state["b"], state["s-sk"]  # from here on they live only in their shares
     if not declined:
         metrics["bytes-uploaded"] = int(vec.nbytes)  # what actually leaves: the masked ring vector
-    return {Key.REJECTED: rejected}, {"metrics": metrics, MASKED_RECORD: ArrayRecord({"masked": Array(vec)})}
+    masked = ArrayRecord({"masked": ring_array(vec)})
+    return {Key.REJECTED: pack_ids(rejected)}, {"metrics": metrics, MASKED_RECORD: masked}
 
 
 def _check_survivors(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
@@ -320,10 +351,10 @@ def _consistency(cfg: ConfigRecord, node: int, state: dict, context: Context) ->
 
 
 def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict:
-    survivors = _check_survivors(cfg, node, state)
-    if pack_ids(survivors) != state["survivors"]:
+    if cfg.get(Key.SURVIVORS) != state["survivors"]:  # the set I checked and signed, byte for byte
         raise SecAggClientError("survivor set differs from the one I signed")
-    ids, sigs = _int_list(cfg[Key.IDS], "signer list"), list(cfg[Key.SIG])
+    survivors = unpack_ids(state["survivors"])
+    ids, sigs = _ids(cfg[Key.IDS], "signer list"), _blobs(cfg[Key.SIG], "signature list")
     if len(ids) != len(sigs):
         raise SecAggClientError("malformed signature list")
     roster = identity.load_identity(context.node_config).roster
@@ -347,4 +378,4 @@ def _unmask(cfg: ConfigRecord, node: int, state: dict, context: Context) -> dict
             out_ids.append(j), kinds.append(0), shares.append(b_of[j])  # self-mask share: j's input is in the sum
         elif j in state["mask-nbrs"]:
             out_ids.append(j), kinds.append(1), shares.append(sk_of[j])  # mask-key share: j dropped after sharing
-    return {Key.IDS: out_ids, Key.KIND: kinds, Key.SHARES: shares}
+    return {Key.IDS: pack_ids(out_ids), Key.KIND: bytes(kinds), Key.SHARES: pack_blobs(shares)}

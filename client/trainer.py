@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from client import secure_random
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
-from shared.data import trim_padding
+from shared.data import trim_batch
 from shared.frozen_prefix import training_view
 from shared.lora import model_key
 from shared.tasks import Task, get_task
@@ -45,7 +45,7 @@ def _step(model: torch.nn.Module, batch, optimizer, task: Task) -> float | None:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
         return None
-    inputs, attention_mask = trim_padding(inputs, attention_mask)
+    inputs, attention_mask, labels = trim_batch(inputs, attention_mask, labels)
     loss = task.loss(model, inputs, attention_mask, labels)
     loss.backward()
     optimizer.step()
@@ -81,8 +81,9 @@ def head_only(cfg: FedConfig, server_round: int) -> bool:
     """LP-FT: the first --head-rounds rounds train the task head alone (a DP linear
     probe on the frozen features); the adapters join once the head is sensible, so
     their early, noisy gradients do not chase a random head. Never more than half the
-    rounds: a short run still fine-tunes."""
-    return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2)
+    rounds: a short run still fine-tunes. A task without a head (generate: the causal
+    LM's own, frozen, vocabulary projection) trains its adapters from round 1."""
+    return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2) and not get_task(cfg).generative
 
 
 ADAM_REFERENCE_STEPS = 8

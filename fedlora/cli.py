@@ -13,6 +13,7 @@ import sys
 
 from fedlora.deploy_commands import add_deploy_commands
 from fedlora.flags import add_config_flags, config_from_args  # noqa: F401 (config_from_args: the CLI's API)
+from fedlora.generate_command import add_generate_command
 from fedlora.predict_command import add_predict_command
 from shared.errors import FedLoraError
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=_cmd_simulate)
     add_predict_command(sub)
+    add_generate_command(sub)
     add_deploy_commands(sub)
     from fedlora.segment_command import add_segment_command
     add_segment_command(sub)

@@ -38,6 +38,11 @@ def config_from_args(args: argparse.Namespace) -> FedConfig:
     values = {f.name: getattr(args, f.name) for f in fields(FedConfig)
               if f.name not in _SPECIAL and getattr(args, f.name, None) is not None}
     values["dp"], values["secure_agg"] = args.dp, args.secure_agg
+    if getattr(args, "model", None) is None and values.get("task"):  # each task has its default model
+        from shared.tasks import TASKS, get_task
+
+        if values["task"] in TASKS:
+            values["model"] = get_task(values["task"]).default_model
     cfg = FedConfig(**values)
     explicit_split = args.partition_by is not None or args.partition is not None
     num_clients = args.num_clients

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from shared.config import FedConfig
 from shared.errors import FedLoraError
 from shared.lora import save_adapter, trainable_state
+from shared.tasks import get_task
 
 _ROUND_DIR = re.compile(r"round-(\d+)$")
 CONFIG_FILE = "fedlora.json"
@@ -78,7 +79,7 @@ def checkpoint_config(folder: Path) -> FedConfig:
             except (OSError, ValueError) as exc:
                 raise FedLoraError(f"cannot read {path}: {exc}") from exc
             cfg = FedConfig.from_run_config(data[key] if key else data)
-            if not cfg.label_names:
+            if not cfg.label_names and not get_task(cfg).generative:
                 raise FedLoraError(f"{path} does not name the run's labels")
             return cfg
     raise FedLoraError(f"{folder} has no {CONFIG_FILE} (nor a summary.json two folders up): "

@@ -168,7 +168,8 @@ class RunReport:
         ax1.set_xlabel("round")
         ax1.set_ylabel("held-out score")
         ax1.set_ylim(0, 1)
-        ax1.legend(loc="lower right", fontsize="small")
+        if self.task.plot or reference is not None:
+            ax1.legend(loc="lower right", fontsize="small")
         ax2 = ax1.twinx()
         ax2.plot(rounds, [r["epsilon_max"] if r["epsilon_max"] is not None else float("nan") for r in self.rounds],
                  "s--", color="tab:red", label="max client epsilon")

@@ -39,9 +39,11 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from shared.params import array_view
 from shared.secagg import crypto, identity, masks, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, harary_graph, nodes_digest, pack_ids, resolve_k, thresholds,
+    MASKED_RECORD, MAX_NODES, RECORD, Key, Stage, ad_bytes, get_record, harary_graph, nodes_digest, pack_blobs,
+    pack_ids, resolve_k, ring_vector, thresholds, unpack_blobs, unpack_ids,
 )
 from shared.secagg.quantize import DEFAULT_CLIP, QuantizationOverflow, RingFormat, choose_format, decode_sum, to_signed
 
@@ -140,13 +142,23 @@ def _get(rec: ConfigRecord, key: str, kind, *, size: int | None = None, max_len:
     elif kind is int:
         if not isinstance(v, int) or isinstance(v, bool):
             raise _Bad(f"malformed {key!r}")
-    elif kind == "ints":
-        if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-            raise _Bad(f"malformed {key!r}")
-    elif kind == "bytes-list":
-        if not isinstance(v, list) or len(v) > max_len or not all(isinstance(x, bytes) and len(x) <= 4096 for x in v):
-            raise _Bad(f"malformed {key!r}")
+    elif kind in _PACKED:
+        try:
+            return _PACKED[kind](v, max_len)
+        except ValueError:
+            raise _Bad(f"malformed {key!r}") from None
     return v
+
+
+def _unpack_kinds(blob, max_count: int) -> list[int]:
+    """Share kinds at unmask, one byte each (0: self-mask seed, 1: mask key)."""
+    if not isinstance(blob, bytes) or len(blob) > max_count:
+        raise ValueError("malformed share kinds")
+    return list(blob)
+
+
+_PACKED = {"ids": unpack_ids, "blobs": unpack_blobs, "kinds": _unpack_kinds}
+"""Packed per-peer fields (see ``shared/secagg/protocol.py``), each parsed with a count cap."""
 
 
 def _threshold_request(threshold, n: int) -> int:
@@ -170,7 +182,7 @@ class _Round:
         self.t_req = _threshold_request(config.threshold, self.n)
         self.t, self.t_local = thresholds(self.n, self.k, self.t_req)
         self.sid = os.urandom(16)
-        cfg = train_messages[0].content.config_records.get("config", ConfigRecord()) if train_messages else {}
+        cfg = (get_record(train_messages[0].content, "config", ConfigRecord) if train_messages else None) or {}
         self.rnd = int(cfg.get("server-round", 0))
         self.group_id = str(self.rnd)
         self.warnings: list[str] = []
@@ -208,7 +220,7 @@ class _Round:
             if src != expected:
                 bad[expected] = f"reply came from node {src}"
                 continue
-            rec = r.content.config_records.get(RECORD)
+            rec = get_record(r.content, RECORD, ConfigRecord)
             if rec is None or rec.get(Key.STAGE) != stage or rec.get(Key.NODE_ID) != src:
                 bad[src] = "wrong stage or claimed node id"
                 continue
@@ -246,12 +258,11 @@ class _Round:
 
     # --- stages -----------------------------------------------------------------------
     def _setup(self) -> set[int]:
-        replies = self.exchange(Stage.SETUP, {
-            nid: RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: pack_ids(self.nodes),
-                Key.K: self.k, Key.T_REQ: self.t_req,
-            })}) for nid in self.nodes
-        })
+        content = RecordDict({RECORD: ConfigRecord({  # the same for every node: built once
+            Key.STAGE: Stage.SETUP, Key.SID: self.sid, Key.ROUND: self.rnd, Key.NODES: pack_ids(self.nodes),
+            Key.K: self.k, Key.T_REQ: self.t_req,
+        })})
+        replies = self.exchange(Stage.SETUP, dict.fromkeys(self.nodes, content))
         fps: dict[bytes, int] = {}
         for nid, content in replies.items():
             try:
@@ -285,8 +296,9 @@ class _Round:
         for i in sorted(u1):
             ids = sorted(g[i] & u1)
             payloads[i] = RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.SHARE_KEYS, Key.SID: self.sid, Key.ROUND: self.rnd, Key.IDS: ids,
-                **{key: [self.ad[j][key] for j in ids] for key in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)},
+                Key.STAGE: Stage.SHARE_KEYS, Key.SID: self.sid, Key.ROUND: self.rnd, Key.IDS: pack_ids(ids),
+                **{key: pack_blobs(self.ad[j][key] for j in ids)
+                   for key in (Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG)},
             })})
         replies = self.exchange(Stage.SHARE_KEYS, payloads)
         fwd: dict[int, tuple[list[int], list[bytes]]] = {i: ([], []) for i in u1}
@@ -296,9 +308,9 @@ class _Round:
         for src, content in replies.items():
             try:
                 rec = content[RECORD]
-                dsts = _get(rec, Key.DST, "ints", max_len=self.k)
-                cts = _get(rec, Key.CT, "bytes-list", max_len=self.k)
-                bad = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
+                dsts = _get(rec, Key.DST, "ids", max_len=self.k)
+                cts = _get(rec, Key.CT, "blobs", max_len=self.k)
+                bad = _get(rec, Key.REJECTED, "ids", max_len=self.k) if Key.REJECTED in rec else []
                 if len(dsts) != len(cts) or len(set(dsts)) != len(dsts) or not set(dsts) <= g[src] & u1:
                     raise _Bad("shares addressed to the wrong set of nodes")
                 if len(dsts) + 1 < self.ad[src][Key.T_LOCAL]:
@@ -338,8 +350,8 @@ class _Round:
             keep = [p for p, s in enumerate(srcs) if s in u2]
             content[RECORD] = ConfigRecord({
                 Key.STAGE: Stage.COLLECT, Key.SID: self.sid, Key.ROUND: self.rnd,
-                Key.SRC: [srcs[p] for p in keep], Key.CT: [cts[p] for p in keep],
-                Key.MASK_NBRS: sorted(g[i] & u2), Key.BITS: fmt.bits, Key.SCALE: fmt.scale,
+                Key.SRC: pack_ids(srcs[p] for p in keep), Key.CT: pack_blobs(cts[p] for p in keep),
+                Key.MASK_NBRS: pack_ids(sorted(g[i] & u2)), Key.BITS: fmt.bits, Key.SCALE: fmt.scale,
                 Key.MAX_WEIGHT: fmt.max_weight, Key.CLIP: fmt.clip,
             })
             payloads[i] = content
@@ -349,10 +361,10 @@ class _Round:
         for nid, content in sorted(replies.items()):
             try:
                 rec = content[RECORD]
-                rejected = _get(rec, Key.REJECTED, "ints", max_len=self.k) if Key.REJECTED in rec else []
+                rejected = _get(rec, Key.REJECTED, "ids", max_len=self.k) if Key.REJECTED in rec else []
                 vec = self._masked_vector(content, length, fmt)
-                m = content.metric_records.get("metrics", MetricRecord())
-                if len(content.metric_records) > 1 or len(content.array_records) != 1 or len(m) > 64:
+                m = get_record(content, "metrics", MetricRecord) or MetricRecord()
+                if set(content) - {RECORD, "metrics", MASKED_RECORD} or len(m) > 64:
                     raise _Bad("unexpected records next to the masked vector")
             except _Bad as exc:
                 self.reject(Stage.COLLECT, nid, str(exc))
@@ -370,9 +382,8 @@ class _Round:
     def _consistency_and_unmask(self, u2: set[int], u3: set[int]):
         survivors = sorted(u3)
         base = {Key.SID: self.sid, Key.ROUND: self.rnd, Key.SURVIVORS: pack_ids(survivors)}
-        replies = self.exchange(Stage.CONSISTENCY, {
-            i: RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.CONSISTENCY, **base})}) for i in survivors
-        })
+        content = RecordDict({RECORD: ConfigRecord({Key.STAGE: Stage.CONSISTENCY, **base})})
+        replies = self.exchange(Stage.CONSISTENCY, dict.fromkeys(survivors, content))
         sigs: dict[int, bytes] = {}
         for nid, content in replies.items():
             try:
@@ -386,7 +397,7 @@ class _Round:
         for i in sorted(sigs):
             ids = sorted((g[i] & set(sigs)))
             payloads[i] = RecordDict({RECORD: ConfigRecord({
-                Key.STAGE: Stage.UNMASK, **base, Key.IDS: ids, Key.SIG: [sigs[j] for j in ids]})})
+                Key.STAGE: Stage.UNMASK, **base, Key.IDS: pack_ids(ids), Key.SIG: pack_blobs(sigs[j] for j in ids)})})
         replies = self.exchange(Stage.UNMASK, payloads)
         dead = u2 - u3
         b_shares: dict[int, list[bytes]] = {j: [] for j in u3}
@@ -394,9 +405,9 @@ class _Round:
         for holder, content in replies.items():
             try:
                 rec = content[RECORD]
-                ids = _get(rec, Key.IDS, "ints", max_len=self.k + 1)
-                kinds = _get(rec, Key.KIND, "ints", max_len=self.k + 1)
-                shares = _get(rec, Key.SHARES, "bytes-list", max_len=self.k + 1)
+                ids = _get(rec, Key.IDS, "ids", max_len=self.k + 1)
+                kinds = _get(rec, Key.KIND, "kinds", max_len=self.k + 1)
+                shares = _get(rec, Key.SHARES, "blobs", max_len=self.k + 1)
                 if not len(ids) == len(kinds) == len(shares) or len(set(ids)) != len(ids):
                     raise _Bad("malformed share list")
                 items = []
@@ -474,19 +485,13 @@ class _Round:
 
     @staticmethod
     def _masked_vector(content: RecordDict, length: int, fmt: RingFormat) -> np.ndarray:
-        rec = content.array_records.get(MASKED_RECORD)
+        rec = get_record(content, MASKED_RECORD, ArrayRecord)
         if rec is None or list(rec.keys()) != ["masked"]:
             raise _Bad("no masked vector")
-        arr = rec["masked"]
-        if tuple(arr.shape) != (length,):
-            raise _Bad("masked vector of the wrong shape")
         try:
-            vec = arr.numpy()
-        except Exception as exc:  # noqa: BLE001 - any undecodable payload is the client's fault
-            raise _Bad(f"undecodable masked vector ({type(exc).__name__})") from exc
-        if vec.dtype != fmt.dtype or vec.shape != (length,):
-            raise _Bad("masked vector of the wrong shape or type")
-        return vec
+            return ring_vector(rec["masked"], length, fmt.dtype)
+        except ValueError as exc:
+            raise _Bad(str(exc)) from exc
 
 
 def apply_mean(global_arrays: ArrayRecord, wsum: np.ndarray, total: int) -> ArrayRecord:
@@ -494,7 +499,7 @@ def apply_mean(global_arrays: ArrayRecord, wsum: np.ndarray, total: int) -> Arra
     out: dict[str, Array] = {}
     pos = 0
     for key, arr in global_arrays.items():
-        g = arr.numpy()
+        g = array_view(arr)
         size = int(np.prod(g.shape))
         if total > 0:
             g = (g.astype(np.float64) + (wsum[pos: pos + size] / total).reshape(g.shape)).astype(g.dtype)

@@ -23,7 +23,7 @@ from shared.config import FedConfig
 from shared.data import choose_max_length, encode, load_federation, num_partitions, row_owners
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
-from shared.lora import cached_model, load_trainable_state, model_key, trainable_state
+from shared.lora import cached_model, load_trainable_state, model_key, release_average, trainable_state
 from shared.params import from_record, to_record
 from shared.tasks import get_task
 
@@ -60,7 +60,8 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
         cfg = cfg.replace(labels=json.dumps(fed.labels))
     output = Path(cfg.output)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",
+                  task=cfg.task, model=model)
     # per-owner scores when the test rows name their owner (the partition column)
     groups = row_owners(cfg, fed.test)
 
@@ -76,6 +77,7 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
         start = done + 1
         console.print(f"resuming from {folder} (round {done})")
     arrays = to_record(trainable_state(model))
+    released = trainable_state(model) if cfg.resume else None  # a checkpoint holds the released average
     # the frozen layers below the adapters run once over the test set, not every round
     eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
 
@@ -88,11 +90,14 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
             new_arrays, metrics, failed = _train_round(grid, strategy, cfg, server_round, arrays)
             if new_arrays is not None:
                 arrays = new_arrays
-            load_trainable_state(model, from_record(arrays))
+            released = release_average(released, from_record(arrays), cfg.release_average)
+            load_trainable_state(model, released)
             evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
             save_checkpoint(model, output, server_round, cfg.to_run_config())
             row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0)
             progress.update(task, advance=1, status=status_line(get_task(cfg), row))
+    if get_task(cfg).after_run is not None and start <= cfg.rounds:  # e.g. sampled generations for a person to read
+        get_task(cfg).after_run(model, tokenizer, fed.test, output)
     report.write()
     report.plot()
     report.print_table(console)

@@ -23,7 +23,7 @@ DEPLOYMENT_STAGE_TIMEOUT = 300.0
 @dataclass
 class FedConfig:
     # task (shared/tasks/): what the model predicts from which columns
-    task: str = field(default="classify", metadata={"help": "classify (default: text -> label) or click (profile + offer -> clicked 0/1)"})
+    task: str = field(default="classify", metadata={"help": "classify (default: text -> label), click (profile + offer -> clicked 0/1) or generate (prompt -> response copy, a causal LM; default model smollm2-135m)"})
     # model and adapter
     model: str = field(default="minilm", metadata={"help": "minilm (default), smollm2-135m, tiny-bert, or a local model folder / HF id"})
     lora: str = field(default="ffa", metadata={"help": "ffa (A frozen from a shared seed, only B trains) or plain"})
@@ -40,6 +40,8 @@ class FedConfig:
     label_column: str = field(default="label", metadata={"help": "the label column; click: 0/1 (default: label)"})
     profile_column: str = field(default="profile", metadata={"help": "click: the customer profile and history column (default: profile)"})
     offer_column: str = field(default="offer", metadata={"help": "click: the offer text column (default: offer)"})
+    prompt_column: str = field(default="prompt", metadata={"help": "generate: the instruction / prompt column (default: prompt)"})
+    response_column: str = field(default="response", metadata={"help": "generate: the response (copy) column the model learns to write (default: response)"})
     partition_by: str = field(default="brand", metadata={"help": "natural partitioning: one client per value of this column"})
     partition: str = field(default="iid", metadata={"help": "iid or dirichlet:ALPHA (used when --partition-by is not set)"})
     labels: str = field(default="", metadata={"help": "JSON list fixing the global label set (default: from the training data)"})
@@ -57,6 +59,7 @@ class FedConfig:
     lr: float = field(default=0.03, metadata={"help": "learning rate of the LoRA adapter tensors"})
     head_lr: float = field(default=4.0, metadata={"help": "learning rate of the task head"})
     head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
+    release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = 0
     # privacy
@@ -125,6 +128,8 @@ class FedConfig:
                 raise FedLoraError(f"--delta must be in (0, 1), got {self.delta}")
         if not (self.lr > 0 and self.head_lr > 0):
             raise FedLoraError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}")
+        if not 0 <= self.release_average < 1:
+            raise FedLoraError(f"--release-average must be in [0, 1), got {self.release_average}")
         if not self.max_grad_norm > 0:
             raise FedLoraError(f"--max-grad-norm must be positive, got {self.max_grad_norm}")
         if self.max_length < 0 or self.max_length_cap < 8:

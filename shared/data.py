@@ -149,6 +149,85 @@ def synthetic_clicks(num_brands: int, examples_per_brand: int, test_size: int, s
     return train, test
 
 
+# Copy data: each brand writes in its own tone (playful, premium, caring, bold), and the
+# tone shifts by channel (an email is fuller, an SMS is clipped, a social post has a
+# hashtag); what a segment hears (welcome, we miss you, a deal) is the same at every
+# brand. The prompt names the brand, the segment, the product and the channel, so a model
+# trained across brands learns every tone and the shared segment phrasing.
+_COPY_BRANDS = ["Northpeak", "Lumen", "Harbor & Co", "Vela", "Brightside", "Kestrel", "Oakline", "Mira"]
+_SEGMENTS = {
+    "new subscribers": ("new friend", "Welcome aboard!"),
+    "lapsed buyers": ("old friend", "We have missed you."),
+    "loyal customers": ("insider", "Thanks for sticking with us."),
+    "bargain hunters": ("deal seeker", "Our best price this season."),
+    "young shoppers": ("trendsetter", "Fresh for the new season."),
+    "families": ("family", "Made for busy homes."),
+}
+_CHANNELS = ("email", "sms", "social")
+_TONES = {
+    "playful": {
+        "email": ["Subject: Your {item} is calling! Hey {call}, {line} Grab a new {item} from {brand} with {pct}% off. Go on, treat yourself!",
+                  "Subject: Psst, {call}! {line} The {item} you will not stop smiling about is {pct}% off at {brand} this week."],
+        "sms": ["{brand}: hey {call}! {item} at {pct}% off, today only. Tap to grab it!",
+                "{brand}: {pct}% off {item}, {call}! Quick, tap before it's gone!"],
+        "social": ["Who else needs a new {item}? {line} {pct}% off at {brand} all week! #{tag}",
+                   "Plot twist: your {item} just got {pct}% cheaper. {line} #{tag}"],
+    },
+    "premium": {
+        "email": ["Subject: Crafted for you. Dear {call}, {line} Discover the {item}, made with care by {brand}. Enjoy {pct}% off as our guest.",
+                  "Subject: An invitation from {brand}. Dear {call}, {line} Our {item} is yours at {pct}% off, for a limited time."],
+        "sms": ["{brand}: Dear {call}, the {item} awaits. {pct}% off, by invitation only.",
+                "{brand}: An exclusive {pct}% off our {item}, reserved for you."],
+        "social": ["Quiet luxury, made to last: the {brand} {item}. {line} #{tag}",
+                   "The {item}, refined. {line} Now {pct}% off at {brand}. #{tag}"],
+    },
+    "caring": {
+        "email": ["Subject: Something good for you. Hi {call}, {line} We picked the {item} with you in mind, and it is {pct}% off at {brand}. Take care!",
+                  "Subject: A little help from {brand}. Hi {call}, {line} Our {item} makes the day easier, now {pct}% off. We are here if you need us."],
+        "sms": ["{brand}: Hi {call}, a little gift: {pct}% off the {item}. Take care!",
+                "{brand}: Thinking of you, {call}. The {item} is {pct}% off this week."],
+        "social": ["Small comforts matter. {line} The {item} is {pct}% off at {brand}. #{tag}",
+                   "Made with care, shared with you: our {item}. {line} #{tag}"],
+    },
+    "bold": {
+        "email": ["Subject: NO LIMITS. {call}, {line} The {item} from {brand} is built to perform. {pct}% off. Move now.",
+                  "Subject: Level up, {call}. {line} {brand} {item}. {pct}% off. Zero excuses."],
+        "sms": ["{brand}: {item}. {pct}% off. Now, {call}. Go!",
+                "{brand}: Stop waiting, {call}. {item} {pct}% off. Today."],
+        "social": ["Built different. The {brand} {item}, {pct}% off. {line} #{tag}",
+                   "Go hard. {item}, {pct}% off at {brand}. #{tag}"],
+    },
+}
+
+
+def synthetic_copy(num_brands: int, examples_per_brand: int, test_size: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Prompt/response pairs (segment, product, channel -> copy), one brand per data owner:
+    each brand has its own products, tone and channel mix (non-IID)."""
+    rng = random.Random(seed)
+    tones = list(_TONES)
+    brands = []
+    for b in range(num_brands):
+        name = _COPY_BRANDS[b % len(_COPY_BRANDS)] + (f" {b // len(_COPY_BRANDS) + 1}" if b >= len(_COPY_BRANDS) else "")
+        cats = rng.sample(list(_CATEGORIES), 2)
+        brands.append({"brand": f"brand-{b:03d}", "name": name, "tone": tones[b % len(tones)],
+                       "items": [i for c in cats for i in _CATEGORIES[c]], "tag": name.replace(" ", "").replace("&", "And"),
+                       "channels": [rng.uniform(0.5, 2.0) for _ in _CHANNELS]})
+
+    def row(spec: dict) -> dict:
+        segment = rng.choice(list(_SEGMENTS))
+        channel = rng.choices(_CHANNELS, weights=spec["channels"])[0]
+        item = rng.choice(spec["items"])
+        call, line = _SEGMENTS[segment]
+        copy = rng.choice(_TONES[spec["tone"]][channel]).format(
+            brand=spec["name"], item=item, call=call, line=line, pct=rng.choice((10, 15, 20, 25, 30)), tag=spec["tag"])
+        return {"prompt": f"Brand: {spec['name']}. Segment: {segment}. Product: {item}. Channel: {channel}. Write the copy.",
+                "response": copy, "brand": spec["brand"], "segment": segment, "channel": channel}
+
+    train = pd.DataFrame([row(spec) for spec in brands for _ in range(examples_per_brand)])
+    test = pd.DataFrame([row(spec) for spec in brands for _ in range(max(1, test_size // num_brands))])
+    return train, test
+
+
 # --- files ---------------------------------------------------------------------------
 
 def read_table(path: str) -> pd.DataFrame:
@@ -186,7 +265,10 @@ def normalize(df: pd.DataFrame, cfg: FedConfig, path: str, require_label: bool =
     """The task's input columns under their canonical names ('text', and 'text_pair' for
     pairs) and the label as a string under 'label'; other columns are kept (owners, ids).
     Without `require_label` (scoring new rows) a missing label column is fine."""
-    inputs = get_task(cfg).columns(cfg)
+    task = get_task(cfg)
+    inputs = task.columns(cfg)
+    if task.generative:
+        return _normalize_pairs(df, cfg, path, inputs, task.target(cfg), require_label)
     has_label = cfg.label_column in df.columns
     check_columns(df, path, *inputs.values(), *((cfg.label_column,) if require_label or has_label else ()))
     out = pd.DataFrame({name: df[column].astype(str) for name, column in inputs.items()})
@@ -197,6 +279,30 @@ def normalize(df: pd.DataFrame, cfg: FedConfig, path: str, require_label: bool =
             out[column] = df[column]
     if has_label and out["label"].isna().any():
         raise FedLoraError(f"{path}: column {cfg.label_column!r} has {int(out['label'].isna().sum())} empty labels")
+    return out
+
+
+def _normalize_pairs(df: pd.DataFrame, cfg: FedConfig, path: str, inputs: dict[str, str], target: str,
+                     require_response: bool) -> pd.DataFrame:
+    """Generative tasks: the prompt under 'text', the target text under 'response' (required
+    to train or evaluate, optional to generate); an empty prompt or response is an error."""
+    has_response = target in df.columns
+    check_columns(df, path, *inputs.values(), *((target,) if require_response or has_response else ()))
+    out = pd.DataFrame({name: df[column] for name, column in inputs.items()})
+    used = [*inputs.values()]
+    if has_response:
+        out["response"] = df[target]
+        used.append(target)
+    for name, column in (*inputs.items(), *((("response", target),) if has_response else ())):
+        empty = out[name].isna() | (out[name].astype(str).str.strip() == "")
+        if empty.any():
+            kind = "responses" if name == "response" else "prompts"
+            raise FedLoraError(f"{path}: column {column!r} has {int(empty.sum())} empty {kind} "
+                               f"(first at row {int(empty.to_numpy().nonzero()[0][0])})")
+        out[name] = out[name].astype(str)
+    for column in df.columns:
+        if column not in used:
+            out[column] = df[column]
     return out
 
 
@@ -228,9 +334,9 @@ def _load(cfg_key: str) -> FederatedData:
     if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
         test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
         train = test.iloc[0:0]
-        labels = cfg.label_names or derive_labels(test)
+        labels = cfg.label_names or (derive_labels(test) if "label" in test.columns else [])
     elif not cfg.data:
-        generate = synthetic_clicks if cfg.task == "click" else synthetic_federation
+        generate = {"click": synthetic_clicks, "generate": synthetic_copy}.get(cfg.task, synthetic_federation)
         train, test = generate(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)
         synthetic = FedConfig(task=cfg.task)  # the generators write the default column names
         train, test = normalize(train, synthetic, "synthetic data"), normalize(test, synthetic, "synthetic data")
@@ -242,16 +348,18 @@ def _load(cfg_key: str) -> FederatedData:
         else:
             test = train.sample(frac=0.2, random_state=cfg.seed)
             train = train.drop(test.index)
-        labels = cfg.label_names or derive_labels(train)
-    labels = list(get_task(cfg).labels or labels)  # a task with a fixed label set (click: 0/1) keeps it
-    unknown = sorted(set(test["label"]) - set(labels))
+        labels = cfg.label_names or (derive_labels(train) if "label" in train.columns else [])
+    task = get_task(cfg)
+    labels = list(task.labels if task.labels is not None else labels)  # a fixed label set (click: 0/1; generate: none)
+    unknown = sorted(set(test["label"]) - set(labels)) if "label" in test.columns else []
     if unknown:
         raise FedLoraError(f"test data has labels the training data lacks: {', '.join(unknown[:5])}")
     return FederatedData(train.reset_index(drop=True), test.reset_index(drop=True), labels)
 
 
 def _data_key(cfg: FedConfig) -> str:
-    keys = ("task", "data", "test_data", "text_column", "label_column", "profile_column", "offer_column", "labels", "brands",
+    keys = ("task", "data", "test_data", "text_column", "label_column", "profile_column", "offer_column", "prompt_column",
+            "response_column", "labels", "brands",
             "examples_per_brand", "test_size", "seed")
     return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
 
@@ -380,10 +488,16 @@ def choose_max_length(texts, tokenizer: PreTrainedTokenizerBase, cfg: FedConfig,
     limit = model_length_limit(tokenizer, model)
     if cfg.max_length > 0:
         return min(cfg.max_length, limit)
-    texts, pairs = _inputs(texts)
-    if not texts:
-        return min(LENGTH_BUCKETS[0], limit)
-    counts = np.fromiter((len(ids) for ids in tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]), dtype=int)
+    task = get_task(cfg)
+    if task.token_counts is not None and isinstance(texts, pd.DataFrame):
+        if texts.empty:
+            return min(LENGTH_BUCKETS[0], limit)
+        counts = np.asarray(task.token_counts(texts, tokenizer), dtype=int)
+    else:
+        texts, pairs = _inputs(texts)
+        if not texts:
+            return min(LENGTH_BUCKETS[0], limit)
+        counts = np.fromiter((len(ids) for ids in tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]), dtype=int)
     wanted = float(np.percentile(counts, 95))
     bucket = next((b for b in LENGTH_BUCKETS if b >= wanted), LENGTH_BUCKETS[-1])
     return max(8, min(bucket, cfg.max_length_cap, limit))
@@ -397,15 +511,20 @@ def _inputs(data) -> tuple[list[str], list[str] | None]:
     return [str(t) for t in data], None
 
 
-def encode(df: pd.DataFrame, labels: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "data") -> TensorDataset:
+def encode(df: pd.DataFrame, labels: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, source: str = "data",
+           task=None, model=None) -> TensorDataset:
     """The collate step of every task: a normalized frame to (input_ids, attention_mask, label).
 
     Text pairs (click: profile, offer) are tokenized as the tokenizer's own pair; when
     too long, the longer text is trimmed first. Pair segments are marked by [SEP] only,
     not token types: all-MiniLM-L6-v2 was trained on single texts (token type 0), and
     one batch layout keeps the trainer, Opacus and the frozen-layer cache task-agnostic.
-    Without a 'label' column (scoring new rows) the labels are -1.
+    Without a 'label' column (scoring new rows) the labels are -1. A task with its own
+    collate step (generate: chat template, per-token labels) encodes its rows itself.
     """
+    task = get_task(task) if isinstance(task, str) else task
+    if task is not None and task.encode is not None:
+        return task.encode(df, tokenizer, max_length, source, model_length_limit(tokenizer, model))
     index = {name: i for i, name in enumerate(labels)}
     if "label" in df.columns:
         unknown = sorted(set(df["label"].map(str)) - set(index))
@@ -429,3 +548,13 @@ def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple
     if not bool(keep.any()):
         keep[0] = True
     return input_ids[:, keep], attention_mask[:, keep]
+
+
+def trim_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """`trim_padding` for a whole batch: per-token labels (generate) lose the same columns."""
+    keep = attention_mask.bool().any(0)
+    if not bool(keep.any()):
+        keep[0] = True
+    if labels.dim() == 2 and labels.shape == input_ids.shape:
+        labels = labels[:, keep]
+    return input_ids[:, keep], attention_mask[:, keep], labels

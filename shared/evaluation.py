@@ -35,6 +35,8 @@ def evaluate(model: torch.nn.Module, dataset: TensorDataset, num_labels: int, ba
     """The task's scores on the whole dataset; with `groups` (an owner name per row) also
     per owner, under "owners"."""
     task = get_task(task) if isinstance(task, str) else task
+    if task.evaluate is not None:  # a generative task scores its own outputs (response perplexity)
+        return task.evaluate(model, dataset, min(batch_size, 32), groups)
     probs, y_true, loss = predict(model, dataset, batch_size)
     out = task.scores(probs, y_true, num_labels, loss)
     if groups is not None:

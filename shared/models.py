@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, BertConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, BertConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.errors import FedLoraError
 from shared.tasks import Task, get_task
@@ -62,10 +62,15 @@ class MaskedMeanPooler(torch.nn.Module):
         return torch.nn.functional.normalize(mean, dim=-1)
 
 
+def _head_kwargs(head, num_labels: int) -> dict:
+    """A classification head is sized by its label count; a causal LM keeps its own head."""
+    return {"num_labels": num_labels} if "Classification" in head.__name__ else {}
+
+
 def _load_minilm(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = head.from_pretrained(path, num_labels=num_labels)
+    model = head.from_pretrained(path, **_head_kwargs(head, num_labels))
     pooler = MaskedMeanPooler(model.bert.pooler)
     model.bert.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
     model.bert.pooler = pooler
@@ -85,7 +90,12 @@ def _load_smollm2(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTok
         from transformers import AutoModelForCausalLM
 
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-        lm = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, torch_dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # the GGUF tensors are dequantized to float32 on load, but transformers still marks the
+        # model as GGUF-quantized and refuses to save it: drop the marker, keep the weights
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
         tmp = cache.with_name(cache.name + ".tmp")
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -93,7 +103,7 @@ def _load_smollm2(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTok
     tokenizer = AutoTokenizer.from_pretrained(cache)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = head.from_pretrained(cache, num_labels=num_labels)
+    model = head.from_pretrained(cache, **_head_kwargs(head, num_labels))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
@@ -108,11 +118,34 @@ def _load_tiny_bert(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedT
     return head.from_config(config), tokenizer
 
 
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _load_tiny_llama(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Random-weight 2-layer Llama (tied embeddings, as SmolLM2) with MiniLM's tokenizer
+    plus ChatML turn markers and SmolLM2's chat template: for fast, offline tests of
+    --task generate."""
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.cls_token_id,
+        **_head_kwargs(head, num_labels),
+    )
+    return head.from_config(config), tokenizer
+
+
 def _load_local(name: str, num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
         AutoConfig.from_pretrained(name)
-        model = head.from_pretrained(name, num_labels=num_labels)
+        model = head.from_pretrained(name, **_head_kwargs(head, num_labels))
     except (OSError, ValueError) as exc:
         raise FedLoraError(
             f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, a local model folder, "
@@ -128,15 +161,21 @@ REGISTRY: dict[str, Callable[[int, type], tuple[PreTrainedModel, PreTrainedToken
     "minilm": _load_minilm,
     "smollm2-135m": _load_smollm2,
     "tiny-bert": _load_tiny_bert,
+    "tiny-llama": _load_tiny_llama,
 }
+ENCODERS = ("minilm", "tiny-bert")  # no causal LM head: not for generative tasks
 
 
 def load_base_model(name: str, num_labels: int, seed: int,
                     task: Task | str = "classify") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The one model builder: a base model with the task's head, whose freshly initialised
     head is identical in every process (drawn from the run seed)."""
-    head = (get_task(task) if isinstance(task, str) else task).model_class()
-    if num_labels < 2:
+    task = get_task(task) if isinstance(task, str) else task
+    head = task.model_class()
+    if task.generative and name in ENCODERS:
+        raise FedLoraError(f"--task {task.name} needs a causal language model: {name!r} is an encoder "
+                           f"(use {task.default_model}, tiny-llama or a local causal LM folder)")
+    if not task.generative and num_labels < 2:
         raise FedLoraError(f"need at least 2 labels to train a classifier, found {num_labels}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

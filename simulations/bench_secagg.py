@@ -6,7 +6,10 @@ hands each message to the destination node's mod with that node's own Context. T
 "training" of the micro-benchmark is a stub that returns global + a fixed random delta, so its
 table isolates the aggregation cost: the ratio is the worst case. The second table runs real
 rounds: the app's own ClientApp ``train`` (tiny-bert, local data partitions) behind plain
-FedAvg, this protocol and flwr's SecAgg+ (flwr's ``secaggplus_mod`` + ``SecAggPlusWorkflow``).
+FedAvg, this protocol and flwr's SecAgg+ (flwr's ``secaggplus_mod`` + ``SecAggPlusWorkflow``);
+its tiny-bert adapter (578 values) and 32 examples per client make training as short as it
+gets, so its ratios are the worst case for a real round. Every ratio is against plain FedAvg in
+the same run, in wall time and in this process's CPU time (see :class:`Cost`).
 
     python -m simulations.bench_secagg [--params 150000] [--clients 10 50 100] [--real-clients 10 50 100]
 """
@@ -21,7 +24,9 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -35,7 +40,7 @@ from server.secure_aggregation import SecAggConfig, secure_aggregate
 from shared.secagg.protocol import resolve_k
 from shared.secagg import masks
 from shared.secagg.identity import make_simulation_keys
-from shared.secagg.protocol import RECORD
+from shared.secagg.protocol import RECORD, get_record
 
 
 def ensure_task_identity() -> None:
@@ -50,6 +55,18 @@ def ensure_task_identity() -> None:
 TrainFn = Callable[[Message, Context], Message]
 
 
+_KEYS: dict[tuple[int, ...], tuple[Path, Path]] = {}
+
+
+def _owner_keys(nodes: tuple[int, ...]) -> tuple[Path, Path]:
+    """(key folder, roster) for these nodes, made once per process: owners' signing keys are
+    long-lived, so every round after the first finds them in the identity cache, as in a run."""
+    if nodes not in _KEYS:
+        key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
+        _KEYS[nodes] = key_dir, make_simulation_keys(key_dir, [f"node-{nid}" for nid in nodes])
+    return _KEYS[nodes]
+
+
 class InProcessGrid(Grid):
     """Delivers each message to its node's ``mod(msg, context, train)`` and returns the replies.
 
@@ -62,8 +79,7 @@ class InProcessGrid(Grid):
         ensure_task_identity()
         self.trains = trains
         self.mod = mod
-        self.key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
-        roster = make_simulation_keys(self.key_dir, [f"node-{nid}" for nid in trains])
+        self.key_dir, roster = _owner_keys(tuple(trains))
         self.contexts = {nid: Context(1, nid, {"secagg-key": str(self.key_dir / f"node-{nid}"),
                                                "secagg-roster": str(roster)}, RecordDict(), {}) for nid in trains}
         self.roster_dir = roster
@@ -99,7 +115,7 @@ class InProcessGrid(Grid):
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             nid = msg.metadata.dst_node_id
-            rec = msg.content.config_records.get(RECORD) if msg.has_content() else None
+            rec = get_record(msg.content, RECORD, ConfigRecord) if msg.has_content() else None
             stage = rec.get("stage") if rec is not None else None
             if nid in self.dead:
                 err = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
@@ -176,23 +192,47 @@ def adapter(n_params: int, rng: np.random.Generator) -> ArrayRecord:
     return ArrayRecord({k: Array((rng.standard_normal(s) * 0.02).astype(np.float32)) for k, s in shapes.items()})
 
 
-def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator) -> tuple[float, float]:
+class Cost(NamedTuple):
+    """Wall seconds and this process's CPU seconds (all threads) of one round. On a shared
+    machine other jobs stretch wall times unevenly between variants; CPU time counts only the
+    work done, including the mask threads', so both ratios are printed."""
+
+    wall: float
+    cpu: float
+
+    def best(self, other: "Cost") -> "Cost":
+        return Cost(min(self.wall, other.wall), min(self.cpu, other.cpu))
+
+
+WORST = Cost(math.inf, math.inf)
+SKIPPED = Cost(math.nan, math.nan)
+
+
+@contextmanager
+def clock():
+    """``with clock() as c: ...`` then ``c[0]`` is the block's :class:`Cost`."""
+    out: list[Cost] = []
+    w0, c0 = time.perf_counter(), time.process_time()
+    yield out
+    out.append(Cost(time.perf_counter() - w0, time.process_time() - c0))
+
+
+def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator) -> tuple[Cost, float]:
     g = adapter(n_params, rng)
     deltas = {k: (rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for k, a in g.items()}
     nodes = list(range(100, 100 + n))
     grid = InProcessGrid({nid: make_train(deltas, 100 + nid) for nid in nodes})
     msgs = train_messages(nodes, g)
-    t0 = time.perf_counter()
-    if secure:
-        res = secure_aggregate(grid, g, msgs, SecAggConfig())
-        assert res.error is None, res.error
-    else:
-        plain_fedavg(grid, g, msgs)
-    wall = time.perf_counter() - t0
-    return wall, grid.client_seconds
+    with clock() as cost:
+        if secure:
+            res = secure_aggregate(grid, g, msgs, SecAggConfig())
+            assert res.error is None, res.error
+        else:
+            plain_fedavg(grid, g, msgs)
+    return cost[0], grid.client_seconds
 
 
-def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> float:
+def flwr_secaggplus_round(n: int, n_params: int, rng: np.random.Generator) -> Cost:
     """flwr's own SecAggPlusWorkflow + secaggplus_mod on the same in-process grid and workload.
 
     ``num_shares`` is our k + 1 made odd (flwr needs odd), threshold 2/3 of the shares.
@@ -283,7 +323,7 @@ def _real_contexts(grid: "InProcessGrid", nodes: list[int]) -> None:
         grid.contexts[nid].node_config["partition-id"] = pid
 
 
-def real_round(n: int, variant: str, examples: int, dp: bool = False) -> float:
+def real_round(n: int, variant: str, examples: int, dp: bool = False) -> Cost:
     """One round of real local training at n clients: plain FedAvg, ours, or flwr's SecAgg+."""
     from client.client_app import train as client_train
 
@@ -296,18 +336,31 @@ def real_round(n: int, variant: str, examples: int, dp: bool = False) -> float:
     _real_contexts(grid, nodes)
     msgs = [Message(RecordDict({"arrays": g, "config": ConfigRecord(run_cfg)}), dst_node_id=nid,
                     message_type=MessageType.TRAIN, group_id="1") for nid in nodes]
-    t0 = time.perf_counter()
-    if variant == "ours":
-        res = secure_aggregate(grid, g, msgs, SecAggConfig())
-        assert res.error is None, res.error
-    else:
-        replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
-        from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-        aggregate_arrayrecords([r.content for r in replies], "num-examples")
-    return time.perf_counter() - t0
+    with clock() as cost:
+        if variant == "ours":
+            res = secure_aggregate(grid, g, msgs, SecAggConfig())
+            assert res.error is None and not res.dropped, (res.error, res.dropped)
+        else:
+            replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
+            from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+            trained = [r.content for r in replies if _weight(r.content) > 0]
+            assert len(trained) == n, f"{n - len(trained)} of {n} plain clients did not train"
+            for content in trained:  # under DP no count leaves the client: each owner weighs 1, as in ours
+                content["metrics"]["num-examples"] = _weight(content)
+            aggregate_arrayrecords(trained, "num-examples")
+    return cost[0]
 
 
-def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
+def _weight(content: RecordDict) -> int:
+    """A reply's FedAvg weight: its example count, 1 under DP (no count is reported), 0 if it
+    declined or sent no arrays."""
+    metrics = content["metrics"]
+    if int(metrics.get("declined", 0)) or not len(content.get("arrays", ())):
+        return 0
+    return int(metrics.get("num-examples", 1))
+
+
+def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> Cost:
     import flwr.compat.common.recorddict_compat as compat
     from flwr.client.mod import secaggplus_mod
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -320,8 +373,9 @@ def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
         inner = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(run_cfg)}),
                         dst_node_id=context.node_id, message_type=MessageType.TRAIN, group_id="1")
         reply = client_train(inner, context)
-        out = [reply.content["arrays"][k].numpy() for k in keys]
-        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(out), int(reply.content["metrics"]["num-examples"]), {})
+        weight = _weight(reply.content)  # a declined owner sends the global back with weight 0
+        out = [(reply.content["arrays"] if weight else arrays)[k].numpy() for k in keys]
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(out), weight, {})
         return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
 
     grid = InProcessGrid({nid: train for nid in nodes}, mod=secaggplus_mod)
@@ -329,7 +383,7 @@ def _flwr_real_round(n, nodes, g, run_cfg, client_train) -> float:
     return _time_flwr_secaggplus(grid, nodes, g)
 
 
-def _time_flwr_secaggplus(grid, nodes: list[int], g) -> float:
+def _time_flwr_secaggplus(grid, nodes: list[int], g) -> Cost:
     """One round of Flower's own SecAgg+ workflow over `grid`, with shares sized like ours."""
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import ndarrays_to_parameters
@@ -354,24 +408,30 @@ def _time_flwr_secaggplus(grid, nodes: list[int], g) -> float:
     shares += 1 - shares % 2
     wf = SecAggPlusWorkflow(num_shares=min(shares, n) if shares < n else 1.0,
                             reconstruction_threshold=max(2, math.ceil(2 * min(shares, n) / 3)))
-    t0 = time.perf_counter()
-    wf(grid, ctx)
-    return time.perf_counter() - t0
+    before = ctx.state[MAIN_PARAMS_RECORD]
+    with clock() as cost:
+        wf(grid, ctx)
+    if ctx.state[MAIN_PARAMS_RECORD] is before:  # a halted workflow only logs; never time a round that did nothing
+        raise RuntimeError(f"Flower's SecAgg+ halted before aggregating ({n} clients); see its log")
+    return cost[0]
+
+
+def _ratios(cost: Cost, plain: Cost) -> str:
+    return f"{cost.wall:>8.2f} {cost.wall / plain.wall:>6.2f} {cost.cpu / plain.cpu:>6.2f}"
 
 
 def main_real(clients: list[int], examples: int, skip_flwr: bool, dp: bool = False, reps: int = 1) -> None:
     print(f"\nreal training rounds (tiny-bert, {'DP-SGD' if dp else 'no DP'}, {examples} examples per client, "
-          f"best of {reps}; ratios against plain FedAvg measured in this run)")
-    print(f"{'clients':>7} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'flwr s':>8} {'ratio':>6}")
+          f"best of {reps}; ratios against plain FedAvg measured in this run, wall and CPU)")
+    print(f"{'clients':>7} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'cpu':>6} {'flwr s':>8} {'ratio':>6} {'cpu':>6}")
     for n in clients:
         real_round(min(n, 4), "plain", examples, dp)  # warm the model cache and imports
-        plain = ours = flwr_t = math.inf
+        plain = ours = flwr_t = WORST
         for _ in range(reps):  # interleaved, so load from other processes hits all variants alike
-            plain = min(plain, real_round(n, "plain", examples, dp))
-            ours = min(ours, real_round(n, "ours", examples, dp))
-            flwr_t = math.nan if skip_flwr else min(flwr_t, real_round(n, "flwr", examples, dp))
-        print(f"{n:>7} {plain:>8.2f} {ours:>8.2f} {ours / plain:>6.2f} {flwr_t:>8.2f} {flwr_t / plain:>6.2f}",
-              flush=True)
+            plain = plain.best(real_round(n, "plain", examples, dp))
+            ours = ours.best(real_round(n, "ours", examples, dp))
+            flwr_t = SKIPPED if skip_flwr else flwr_t.best(real_round(n, "flwr", examples, dp))
+        print(f"{n:>7} {plain.wall:>8.2f} {_ratios(ours, plain)} {_ratios(flwr_t, plain)}", flush=True)
 
 
 def main() -> None:
@@ -379,32 +439,33 @@ def main() -> None:
     ap.add_argument("--params", type=int, default=150_000, help="adapter size (minilm FFA-LoRA ~150k)")
     ap.add_argument("--large-params", type=int, default=1_000_000)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
-    ap.add_argument("--large-clients", type=int, nargs="+", default=[10, 50])
+    ap.add_argument("--large-clients", type=int, nargs="*", default=[10, 50])
     ap.add_argument("--skip-flwr", action="store_true", help="skip flwr's full SecAgg+ round")
     ap.add_argument("--real-clients", type=int, nargs="*", default=[10, 50, 100],
                     help="client counts for the real-training rounds (none: skip them)")
     ap.add_argument("--real-examples", type=int, default=32, help="examples per client in the real rounds")
     ap.add_argument("--micro-reps", type=int, default=3, help="micro-benchmark repetitions (best of)")
-    ap.add_argument("--real-reps", type=int, default=2, help="real-round repetitions (best of)")
+    ap.add_argument("--real-reps", type=int, default=3, help="real-round repetitions (best of)")
     ap.add_argument("--real-dp", action="store_true", help="DP-SGD in the real rounds (slow noise calibration)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
-    print(f"{'clients':>7} {'params':>9} {'k':>3} {'plain s':>8} {'ours s':>8} {'ratio':>6} "
-          f"{'flwr s':>8} {'ratio':>6} {'ours client s/node':>18} {'ours server s':>13} "
+    print(f"{'clients':>7} {'params':>9} {'k':>3} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'cpu':>6} "
+          f"{'flwr s':>8} {'ratio':>6} {'cpu':>6} {'ours client s/node':>18} {'ours server s':>13} "
           f"{'ours masks s':>12} {'flwr masks s':>12}")
     for n, p in rows:
-        plain = sec = flwr_full = math.inf
+        plain = sec = flwr_full = WORST
         for _ in range(args.micro_reps):  # interleaved, so load from other processes hits all alike
-            plain = min(plain, _round(n, p, False, rng)[0])
+            plain = plain.best(_round(n, p, False, rng)[0])
             t, c = _round(n, p, True, rng)
-            if t < sec:
-                sec, client = t, c
-            flwr_full = math.nan if args.skip_flwr else min(flwr_full, flwr_secaggplus_round(n, p, rng))
+            if t.wall < sec.wall:
+                client = c
+            sec = sec.best(t)
+            flwr_full = SKIPPED if args.skip_flwr else flwr_full.best(flwr_secaggplus_round(n, p, rng))
         ours_m = ours_mask_cost(n, p)
         flwr_m = flwr_mask_cost(n, p)
-        print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {plain:>8.3f} {sec:>8.3f} {sec / plain:>6.2f} "
-              f"{flwr_full:>8.3f} {flwr_full / plain:>6.2f} {client / n:>18.4f} {sec - client:>13.3f} "
+        print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {plain.wall:>8.3f} {_ratios(sec, plain)} "
+              f"{_ratios(flwr_full, plain)} {client / n:>18.4f} {sec.wall - client:>13.3f} "
               f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
     ours, theirs = mask_throughput(args.params)
     print(f"\nmask generation throughput ({args.params} uint64 elements): ours AES-256-CTR {ours:,.0f} MB/s, "

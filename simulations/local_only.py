@@ -18,7 +18,7 @@ from shared.data import choose_max_length, client_partition, encode, load_federa
 from shared.errors import FedLoraError
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
-from shared.lora import cached_model, load_trainable_state, model_key
+from shared.lora import cached_model, load_trainable_state, model_key, release_average, trainable_state
 from shared.tasks import Task, get_task
 
 
@@ -28,13 +28,15 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
     fed = load_federation(cfg)
     parts = partitioning(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data")
+    test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",
+                  task=cfg.task, model=model)
     groups = row_owners(cfg, fed.test)
     eval_module, eval_data = training_view(model, test, cfg.lora_layers, model_key(cfg))
     results: dict[str, dict] = {}
     for pid, name in enumerate(parts.names):
         frame = client_partition(cfg, pid)
-        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model), name)
+        data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model), name,
+                      task=cfg.task, model=model)
         entry: dict = {"rows": len(data)}
         load_trainable_state(model, model.fedlora_initial_state)
         ledger, plan = None, None
@@ -45,8 +47,11 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
             except FedLoraError as exc:
                 results[name] = entry | {"local": None, "declined": str(exc)}
                 continue
+        released = None
         for server_round in range(1, cfg.rounds + 1):
             train_local(model, data, cfg, ledger, plan, server_round)
+            released = release_average(released, trainable_state(model), cfg.release_average)
+        load_trainable_state(model, released)  # released like the federated model
         scores = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
         own = scores["owners"].get(name) if groups is not None else None
         entry["local"] = own or {k: v for k, v in scores.items() if k != "owners"}

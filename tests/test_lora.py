@@ -1,8 +1,11 @@
 """Only adapter tensors travel, and FFA-LoRA averaging is exact."""
 
 import numpy as np
+import pytest
 import torch
 
+from shared.config import FedConfig
+from shared.errors import FedLoraError
 from shared.lora import build_model, load_trainable_state, trainable_state
 
 
@@ -114,3 +117,17 @@ def test_adams_rate_under_dp_is_a_budget_per_round(tiny_cfg):
     assert abs(long_round["adam"] - 0.01) < 1e-12 and long_round["sgd"] == 4.0
     assert rates(cfg, ADAM_REFERENCE_STEPS / 2)["adam"] == 0.03
     assert rates(cfg.replace(dp=False), 3 * ADAM_REFERENCE_STEPS)["adam"] == 0.03
+
+
+def test_the_released_model_is_an_exponential_average_of_the_rounds():
+    from shared.lora import release_average
+
+    a, b, c = ({"w": np.full(3, v, dtype=np.float32)} for v in (0.0, 1.0, 3.0))
+    released = None
+    for state in (a, b, c):
+        released = release_average(released, state, 0.5)
+    np.testing.assert_allclose(released["w"], 0.25 * 0 + 0.25 * 1 + 0.5 * 3)
+    assert released["w"].dtype == np.float32
+    assert release_average(a, c, 0.0) is c
+    with pytest.raises(FedLoraError, match="release-average"):
+        FedConfig(release_average=1.0)

@@ -196,3 +196,57 @@ def test_honest_encoding_clips_and_n_worst_case_clients_never_overflow():
         assert all(abs(v) * n < (1 << (fmt.bits - 1)) for v in signed), (n, w, signed)
         wsum, total = decode_sum(worst * np.array(1, dtype=fmt.dtype), fmt, 1)
         assert total == w and wsum[0] == pytest.approx(w * clip, rel=1e-6) and wsum[2] == 0
+
+
+def test_add_masks_threaded_equals_one_at_a_time():
+    acc = np.arange(70_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    seeds = [(os.urandom(32), 1 if i % 3 else -1) for i in range(9)]
+    expected = acc.copy()
+    for seed, sign in seeds:
+        masks.add_mask(expected, seed, 64, sign)
+    for _ in range(2):  # the second call reuses the thread's buffers
+        got = acc.copy()
+        masks.add_masks(got, seeds, 64)
+        assert np.array_equal(got, expected)
+
+
+def test_packed_lists_roundtrip_and_reject_malformed():
+    from shared.secagg.protocol import pack_blobs, pack_ids, unpack_blobs, unpack_ids
+
+    items = [b"", b"\x01" * 32, os.urandom(300)]
+    assert unpack_blobs(pack_blobs(items)) == items
+    assert unpack_ids(pack_ids([0, 5, (1 << 64) - 1])) == [0, 5, (1 << 64) - 1]
+    for bad in (pack_blobs(items)[:-1], b"\x05", "x", [b"a"], pack_blobs([b"a"] * 4)):
+        with pytest.raises(ValueError):
+            unpack_blobs(bad, max_count=3)
+    with pytest.raises(ValueError):
+        unpack_blobs(pack_blobs([b"a" * 10]), max_len=9)
+    for bad in (b"\x00" * 9, [1, 2], pack_ids(range(4))):
+        with pytest.raises(ValueError):
+            unpack_ids(bad, max_count=3)
+
+
+def test_ring_vector_accepts_only_its_own_layout():
+    from flwr.app import Array
+
+    from shared.secagg.protocol import ring_array, ring_vector
+
+    vec = np.arange(11, dtype=np.uint64)
+    assert np.array_equal(ring_vector(ring_array(vec), 11, np.uint64), vec)
+    bad = [ring_array(vec[:-1]), ring_array(vec.astype(np.uint32)), Array(vec),
+           Array(dtype=vec.dtype.str, shape=(11,), stype="fedlora.secagg.ring", data=vec.tobytes()[:-1])]
+    for arr in bad:
+        with pytest.raises(ValueError):
+            ring_vector(arr, 11, np.uint64)
+
+
+def test_array_view_matches_numpy_load():
+    from flwr.app import Array
+
+    from shared.params import array_view
+
+    for a in (np.arange(12, dtype=np.float32).reshape(3, 4), np.zeros((0, 3)), np.array(3.0),
+              np.arange(6, dtype=">i4"), np.asfortranarray(np.arange(6.0).reshape(2, 3)), np.array([True, False])):
+        arr = Array(a)
+        view = array_view(arr)
+        assert view.dtype == arr.numpy().dtype and view.shape == a.shape and np.array_equal(view, a)

@@ -20,7 +20,10 @@ import server.secure_aggregation as sa
 from shared.secagg.protocol import resolve_k
 sa.resolve_k = resolve_k
 from server.secure_aggregation import SecAggConfig, secure_aggregate
-from shared.secagg.protocol import RECORD, STATE_RECORD, Key, Stage, connected, harary_graph, thresholds
+from shared.secagg.protocol import (
+    RECORD, RING_STYPE, STATE_RECORD, Key, Stage, connected, harary_graph, pack_blobs, pack_ids, thresholds, unpack_blobs,
+    unpack_ids,
+)
 from simulations.bench_secagg import InProcessGrid, make_train, train_messages
 from test_secagg_primitives import chi2_uniform_pvalue
 
@@ -113,7 +116,7 @@ def test_masked_payload_is_uniform_over_the_ring():
     g, nodes, deltas, weights, grid = setup_round(5, n_params=20_000, seed=3)
     res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig())
     assert res.error is None
-    payloads = [r.content.array_records[mod.MASKED_RECORD]["masked"].numpy()
+    payloads = [np.frombuffer(r.content.array_records[mod.MASKED_RECORD]["masked"].data, dtype="<u8")
                 for r in grid.replies if mod.MASKED_RECORD in r.content.array_records]
     assert len(payloads) == 5
     for p in payloads:
@@ -173,8 +176,8 @@ def _collect_msgs_tamper(grid, node, fn):
     def deliver(msg):
         rec = msg.content.config_records.get(RECORD)
         if rec is not None and rec[Key.STAGE] == Stage.COLLECT and msg.metadata.dst_node_id == node:
-            src, ct = list(rec[Key.SRC]), list(rec[Key.CT])
-            rec[Key.SRC], rec[Key.CT] = fn(src, ct)
+            src, ct = fn(unpack_ids(rec[Key.SRC]), unpack_blobs(rec[Key.CT]))
+            rec[Key.SRC], rec[Key.CT] = pack_ids(src), pack_blobs(ct)
         return msg
     grid.on_deliver = deliver
 
@@ -202,7 +205,7 @@ def test_replayed_share_ciphertexts_rejected():
     _collect_msgs_tamper(grid, target, lambda src, ct: ([old_src[0]] + src + [src[0]], [old_ct[0]] + ct + [ct[0]]))
     res = secure_aggregate(grid, g, train_messages(nodes, g, server_round=2), SecAggConfig())
     assert res.error is None
-    rejected = [r.content[RECORD][Key.REJECTED] for r in grid.replies[-20:]
+    rejected = [unpack_ids(r.content[RECORD][Key.REJECTED]) for r in grid.replies[-20:]
                 if r.has_content() and r.content[RECORD].get(Key.STAGE) == Stage.COLLECT
                 and r.metadata.src_node_id == target]
     assert len(rejected[-1]) == 2 and set(rejected[-1]) <= set(old_src) | set(nodes)
@@ -286,8 +289,8 @@ def test_server_never_holds_an_unmasked_individual_update(monkeypatch):
         assert "arrays" not in r.content.array_records
         for name, rec in r.content.array_records.items():
             for arr in rec.values():
-                v = arr.numpy()
-                assert v.dtype == np.uint64
+                assert arr.stype == RING_STYPE and arr.dtype == "<u8"
+                v = np.frombuffer(arr.data, dtype="<u8")
                 assert all(np.mean(v == q) < 0.01 for q in quantized)
 
 

@@ -20,7 +20,8 @@ import client.secagg_mod as mod
 from server.secure_aggregation import SecAggConfig, SecureAggregation, secure_aggregate
 from shared.secagg import crypto, identity, shamir
 from shared.secagg.protocol import (
-    MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, pack_ids, resolve_k, thresholds, unpack_ids,
+    MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, pack_blobs, pack_ids, resolve_k, ring_array, thresholds,
+    unpack_blobs, unpack_ids,
 )
 from simulations.bench_secagg import train_messages
 from test_secagg_protocol import assert_matches, expected_fedavg, setup_round
@@ -58,7 +59,7 @@ def _split_view_attack(n: int, group_b_size: int, threshold=None):
         if st == Stage.SETUP:
             graph_holder["sid"] = rec[Key.SID]
         if st == Stage.SHARE_KEYS and dst == victim:
-            graph_holder["nbrs"] = list(rec[Key.IDS])
+            graph_holder["nbrs"] = unpack_ids(rec[Key.IDS])
         if st in (Stage.CONSISTENCY, Stage.UNMASK) and dst in graph_holder.get("b", ()):
             rec[Key.SURVIVORS] = pack_ids([x for x in unpack_ids(rec[Key.SURVIVORS]) if x != victim])
         if st == Stage.CONSISTENCY and "b" not in graph_holder:
@@ -76,7 +77,7 @@ def _split_view_attack(n: int, group_b_size: int, threshold=None):
     for r in grid.replies:
         if stage_of(r) == Stage.UNMASK and not r.has_error():
             rec = r.content[RECORD]
-            for j, kind, share in zip(rec[Key.IDS], rec[Key.KIND], rec[Key.SHARES]):
+            for j, kind, share in zip(unpack_ids(rec[Key.IDS]), rec[Key.KIND], unpack_blobs(rec[Key.SHARES])):
                 if j == victim:
                     (b_sh if kind == 0 else sk_sh).append(share)
     sid = graph_holder["sid"]
@@ -142,11 +143,11 @@ def test_substituted_public_key_is_rejected_and_gets_no_share():
     def deliver(msg):
         if stage_of(msg) == Stage.SHARE_KEYS:
             rec = msg.content[RECORD]
-            ids = list(rec[Key.IDS])
+            ids = unpack_ids(rec[Key.IDS])
             if target in ids:
-                pk = list(rec[Key.PK_C])
+                pk = unpack_blobs(rec[Key.PK_C])
                 pk[ids.index(target)] = mitm.public
-                rec[Key.PK_C] = pk
+                rec[Key.PK_C] = pack_blobs(pk)
         return msg
 
     grid.on_deliver = deliver
@@ -154,7 +155,7 @@ def test_substituted_public_key_is_rejected_and_gets_no_share():
     for r in grid.replies:
         if stage_of(r) == Stage.SHARE_KEYS and not r.has_error():
             rec = r.content[RECORD]
-            assert target not in list(rec[Key.DST]) or r.metadata.src_node_id == target
+            assert target not in unpack_ids(rec[Key.DST]) or r.metadata.src_node_id == target
     assert target in res.dropped
     assert_matches(res, expected_fedavg(g, [x for x in nodes if x != target], deltas, weights))
 
@@ -185,7 +186,8 @@ def test_node_outside_the_roster_is_refused(tmp_path):
 # --- finding 2: a misbehaving client costs only itself -----------------------------------------
 
 BAD_VALUES = [0, -1, 1 << 62, "x", b"", b"\x00" * 33, b"\x07" * 32, True, 1.5, [1] * 5, [b"\x00" * 32] * 3,
-              list(range(20_000)), [b"\x01" * shamir.SHARE_LEN] * 3]
+              list(range(20_000)), [b"\x01" * shamir.SHARE_LEN] * 3,
+              pack_ids([1, 2, 3]), pack_blobs([b"\x01" * shamir.SHARE_LEN] * 3)]
 FIELDS = {
     Stage.SETUP: [Key.PK_C, Key.PK_S, Key.COMMIT, Key.FP, Key.SIG, Key.T, Key.T_LOCAL, Key.STAGE, Key.NODE_ID],
     Stage.SHARE_KEYS: [Key.DST, Key.CT, Key.REJECTED, Key.STAGE, Key.NODE_ID],
@@ -238,7 +240,7 @@ def test_duplicated_and_extra_records_drop_only_the_sender(stage):
     assert_matches(res, expected_fedavg(g, [x for x in nodes if x not in res.dropped], deltas, weights))
 
 
-@pytest.mark.parametrize("bad", ["dtype", "shape", "extra-record", "missing", "huge-metrics"])
+@pytest.mark.parametrize("bad", ["dtype", "shape", "npy", "short-data", "extra-record", "missing", "huge-metrics"])
 def test_malformed_masked_vector_drops_only_the_sender(bad):
     n = 6
     g, nodes, deltas, weights, grid = setup_round(n, n_params=400, seed=42)
@@ -246,11 +248,16 @@ def test_malformed_masked_vector_drops_only_the_sender(bad):
 
     def reply(msg):
         if msg.metadata.src_node_id == liar and stage_of(msg) == Stage.COLLECT:
-            vec = msg.content.array_records[MASKED_RECORD]["masked"].numpy()
+            arr = msg.content.array_records[MASKED_RECORD]["masked"]
+            vec = np.frombuffer(arr.data, dtype=arr.dtype)
             if bad == "dtype":
-                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": Array(vec.astype(np.float64))})
+                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": ring_array(vec.astype(np.float64))})
             elif bad == "shape":
-                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": Array(vec[:-1])})
+                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": ring_array(vec[:-1])})
+            elif bad == "npy":
+                msg.content.array_records[MASKED_RECORD] = ArrayRecord({"masked": Array(vec)})
+            elif bad == "short-data":
+                arr.data = arr.data[:-8]
             elif bad == "extra-record":
                 msg.content.array_records["arrays"] = ArrayRecord({"x": Array(vec)})
             elif bad == "missing":
@@ -274,7 +281,7 @@ def test_wrong_share_at_unmask_is_tolerated():
     def reply(msg):
         if msg.metadata.src_node_id == liar and stage_of(msg) == Stage.UNMASK:
             rec = msg.content[RECORD]
-            rec[Key.SHARES] = [s[:2] + bytes(len(s) - 2) for s in rec[Key.SHARES]]
+            rec[Key.SHARES] = pack_blobs(s[:2] + bytes(len(s) - 2) for s in unpack_blobs(rec[Key.SHARES]))
         return msg
 
     grid.on_reply = reply

@@ -7,7 +7,9 @@ over Z_{2^b} because 2^b divides the word size: no rejection sampling needed.
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -83,6 +85,7 @@ def add_mask(acc: np.ndarray, seed: bytes, bits: int, sign: int = 1) -> None:
     reduce(acc, bits)
 
 
+_WORKERS = min(4, os.cpu_count() or 1)
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -92,34 +95,37 @@ def _executor():
     global _pool
     with _pool_lock:
         if _pool is None:
-            import os
-            from concurrent.futures import ThreadPoolExecutor
-
-            _pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="secagg-mask")
+            _pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="secagg-mask")
         return _pool
 
 
-def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
-    """acc += sum(sign * mask(seed)) in place. The keystreams are expanded on a thread pool
-    (the cipher runs outside the GIL) while this thread adds the previous ones, in order,
-    with at most two masks per worker in memory."""
-    import os
+def _buffers(count: int, like: np.ndarray) -> list[np.ndarray]:
+    """Per-thread reusable mask buffers: a fresh multi-MB array per mask page-faults on every use."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None or len(bufs) < count or bufs[0].nbytes < like.nbytes:
+        bufs = _local.bufs = [np.empty(like.nbytes, dtype=np.uint8) for _ in range(count)]
+    return [b[: like.nbytes].view(like.dtype) for b in bufs[:count]]
 
-    workers = min(4, os.cpu_count() or 1)
-    if len(seeds) < 16 or workers < 2 or acc.nbytes < (1 << 18):  # small batches: threads cost more
+
+def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
+    """acc += sum(sign * mask(seed)) in place. Large vectors: the keystreams are expanded on a
+    thread pool (the cipher runs outside the GIL) while this thread adds them, in order, a
+    batch of two per worker at a time; a client's k + 1 masks are enough to gain from it."""
+    if len(seeds) < 3 or _WORKERS < 2 or acc.nbytes < (1 << 18):  # small batches: threads cost more
         for seed, sign in seeds:
             add_mask(acc, seed, bits, sign)
         return
 
-    def expand(seed: bytes) -> np.ndarray:
-        m = np.empty_like(acc)
+    def expand(job: tuple[bytes, np.ndarray]) -> np.ndarray:
+        seed, m = job
         keystream_into(seed, memoryview(m).cast("B"))
         return m
 
     pool = _executor()
-    for start in range(0, len(seeds), 2 * workers):
-        chunk = seeds[start: start + 2 * workers]
-        for (_, sign), m in zip(chunk, pool.map(expand, [seed for seed, _ in chunk])):
+    bufs = _buffers(min(len(seeds), 2 * _WORKERS), acc)
+    for start in range(0, len(seeds), len(bufs)):
+        chunk = seeds[start: start + len(bufs)]
+        for (_, sign), m in zip(chunk, pool.map(expand, [(seed, b) for (seed, _), b in zip(chunk, bufs)])):
             reduce(m, bits)
             (np.add if sign >= 0 else np.subtract)(acc, m, out=acc)
     reduce(acc, bits)

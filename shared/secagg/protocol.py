@@ -28,6 +28,9 @@ import random
 import struct
 from functools import lru_cache
 
+import numpy as np
+from flwr.app import Array
+
 RECORD = "secagg"
 """ConfigRecord name carrying the protocol payloads in both directions."""
 
@@ -36,6 +39,11 @@ STATE_RECORD = "secagg-state"
 
 MASKED_RECORD = "secagg-masked"
 """ArrayRecord name of the masked vector (an ArrayRecord so Flower can chunk large payloads)."""
+
+RING_STYPE = "fedlora.secagg.ring"
+"""Array ``stype`` of the masked vector: its raw little-endian ring elements, no npy header.
+Both ends are ours, so the 1-8 MB vector skips ``np.save``/``np.load`` (a header parse and two
+copies each way); the receiver checks dtype, shape and byte length before viewing it."""
 
 PROTOCOL_ID = b"fedlora-secagg-v2"
 
@@ -97,10 +105,61 @@ def pack_ids(ids) -> bytes:
     return struct.pack(f"<{len(ids)}Q", *ids)
 
 
-def unpack_ids(blob) -> list[int]:
-    if not isinstance(blob, bytes) or len(blob) % 8 or len(blob) > 8 * MAX_NODES:
+def unpack_ids(blob, max_count: int = MAX_NODES) -> list[int]:
+    if not isinstance(blob, bytes) or len(blob) % 8 or len(blob) > 8 * max_count:
         raise ValueError("malformed node id list")
     return list(struct.unpack(f"<{len(blob) // 8}Q", blob))
+
+
+def pack_blobs(items) -> bytes:
+    """Per-peer byte strings (keys, signatures, ciphertexts, shares) as one bytes value, each
+    prefixed with its 2-byte length: one record entry per stage instead of a list whose every
+    element Flower type-checks and copies."""
+    return b"".join(struct.pack("<H", len(x)) + x for x in items)
+
+
+def unpack_blobs(blob, max_count: int = MAX_NODES, max_len: int = 4096) -> list[bytes]:
+    """Inverse of :func:`pack_blobs`; ValueError on anything else (truncated, too many, too long)."""
+    if not isinstance(blob, bytes):
+        raise ValueError("malformed byte-string list")
+    out, pos = [], 0
+    while pos < len(blob):
+        if len(out) >= max_count or pos + 2 > len(blob):
+            raise ValueError("malformed byte-string list")
+        (size,) = struct.unpack_from("<H", blob, pos)
+        pos += 2
+        if size > max_len or pos + size > len(blob):
+            raise ValueError("malformed byte-string list")
+        out.append(blob[pos: pos + size])
+        pos += size
+    return out
+
+
+def get_record(records, name: str, kind: type):
+    """``records[name]`` if it is a ``kind`` record, else None. Cheaper than
+    ``RecordDict.config_records`` and friends, which copy every record into a fresh
+    type-checked view on each access."""
+    rec = records[name] if name in records else None
+    return rec if isinstance(rec, kind) else None
+
+
+def ring_array(vec: np.ndarray) -> Array:
+    """The masked ring vector as an Array of raw bytes (see :data:`RING_STYPE`)."""
+    return Array(dtype=vec.dtype.str, shape=(int(vec.size),), stype=RING_STYPE, data=vec.tobytes())
+
+
+def ring_vector(arr: Array, length: int, dtype: np.dtype) -> np.ndarray:
+    """Read-only view of a :func:`ring_array`; ValueError unless it is exactly ``length``
+    elements of ``dtype``."""
+    dtype = np.dtype(dtype)
+    try:
+        ok = (arr.stype == RING_STYPE and arr.dtype == dtype.str and tuple(arr.shape) == (length,)
+              and isinstance(arr.data, bytes) and len(arr.data) == length * dtype.itemsize)
+    except (AttributeError, TypeError):
+        ok = False
+    if not ok:
+        raise ValueError("masked vector of the wrong stype, type or shape")
+    return np.frombuffer(arr.data, dtype=dtype)
 
 
 def majority(n: int) -> int:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from shared.config import FedConfig
 
-TASKS = {"classify": "shared.tasks.classify", "click": "shared.tasks.click"}
+TASKS = {"classify": "shared.tasks.classify", "click": "shared.tasks.click", "generate": "shared.tasks.generate"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,17 @@ class Task:
     reference: str = ""  # a trivial predictor's score, drawn as a dotted line
     labels: tuple[str, ...] | None = None  # a fixed label set; None: from the data or --labels
     per_class_recall: bool = False  # scores carry "recall" per label (table note, metrics.csv columns)
+    default_model: str = "minilm"  # the model when --model is not given
+    # A generative task (a causal LM, `generate`) has no label set: its target is a text
+    # column (normalized to "response"), labels are per token, and it brings its own
+    # collate step, length count, evaluation and after-run samples; None: the shared ones.
+    generative: bool = False
+    target: Callable[["FedConfig"], str] | None = None  # the column with the target text (generative tasks)
+    encode: Callable[..., Any] | None = None  # (frame, tokenizer, max_length, source, limit) -> TensorDataset
+    token_counts: Callable[..., Any] | None = None  # (frame, tokenizer) -> tokens per row, for --max-length 0
+    evaluate: Callable[..., dict] | None = None  # (model, dataset, batch_size, groups) -> metrics
+    after_run: Callable[..., Any] | None = None  # (model, tokenizer, test frame, output folder) after the last round
+    loss_fn: Callable[..., Any] | None = None  # (model, input_ids, attention_mask, labels) -> loss; None: the head's
 
     def model_class(self) -> Any:
         import transformers
@@ -42,7 +53,10 @@ class Task:
         return getattr(transformers, self.head)
 
     def loss(self, model, input_ids, attention_mask, labels):
-        """The head's own loss (cross-entropy over its logits; for two classes, log-loss)."""
+        """The head's own loss (cross-entropy over its logits; for two classes, log-loss),
+        or the task's own (`loss_fn`)."""
+        if self.loss_fn is not None:
+            return self.loss_fn(model, input_ids, attention_mask, labels)
         return model(input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
