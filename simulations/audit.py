@@ -17,9 +17,14 @@ k is taken from a fixed grid with a Bonferroni correction, so the bound stays va
 Two attackers:
 - `final`: the final global adapter only (what anyone given the trained model has):
   score = the canary's loss under the initial adapter minus its loss under the final one.
-- `rounds`: every round's aggregate (what the server sees): score = sum over rounds of
-  the alignment between the canary's normalised task-head gradient at the round's start
-  and the round's aggregate step on the head (the head moves most per example).
+- `rounds`: every round's aggregate (what the server sees), white-box: in each round, the
+  alignment between the canary's unit-length gradient on every trainable tensor (LoRA B
+  and the task head) at the round's starting global model and the round's aggregate step,
+  label-centred and standardised per round, summed over rounds, plus the `final` score
+  standardised the same way (that server holds the final model too).
+
+The default model is the product's (minilm): the random-weight tiny-bert of the tests has
+no power at all (DP off, 1000 canaries, 8 rounds: AUC 0.51, bound 0 for every attacker).
 
     python -m simulations.audit --runs 1 --dp off --dp 1 --dp 8 --output runs/audit.json
 """
@@ -135,35 +140,44 @@ def _losses(model, ds) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _head(model) -> tuple[str, torch.nn.Linear]:
-    """The trainable task head (peft's modules_to_save copy of the classifier)."""
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.requires_grad and "lora_" not in name:
-            return name, module
-    raise RuntimeError("no trainable task head")
+def _unit_gradients(model, ds, keys: list[str], batch: int = 128) -> np.ndarray:
+    """Each canary's loss gradient on every trainable tensor (LoRA B and the task head), in
+    `keys` order, normalised to length 1: per-example gradients from Opacus's hooks, dropout
+    off (the attacker's own computation, not a training step)."""
+    from opacus import GradSampleModule
 
-
-def _unit_head_gradients(model, ds, batch: int = 256) -> np.ndarray:
-    """Each canary's loss gradient on the task head, (softmax - onehot) x features and the
-    bias part, normalised to length 1, in `trainable_state` order (weight, then bias)."""
-    _, head = _head(model)
-    seen = []
-    hook = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
-    model.eval()
+    named = dict(model.named_parameters())
+    model.eval()  # no dropout (nor attention dropout); but Opacus records activations only
+    for module in model.modules():  # of modules in training mode: the ones holding trainable tensors
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.train()
+    gsm = GradSampleModule(model)
     out = []
     try:
-        with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*backward hook.*")
             for i in range(0, len(ds), batch):
                 ids, mask, y = ds[i:i + batch]
                 ids, mask = trim_padding(ids, mask)
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                err = torch.softmax(logits.double(), dim=-1) - torch.nn.functional.one_hot(y, logits.shape[-1]).double()
-                feats = seen.pop().double()
-                g = torch.cat([(err[:, :, None] * feats[:, None, :]).reshape(len(y), -1), err], dim=1).numpy()
+                logits = gsm(input_ids=ids, attention_mask=mask).logits
+                torch.nn.functional.cross_entropy(logits, y, reduction="sum").backward()
+                g = torch.cat([named[k].grad_sample.reshape(len(y), -1) for k in keys], dim=1).double().numpy()
                 out.append(g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12))
+                for p in named.values():
+                    p.grad, p.grad_sample = None, None
     finally:
-        hook.remove()
+        gsm._close()
+        for p in named.values():
+            p.grad = None
+        model.eval()
     return np.concatenate(out)
+
+
+def standardise(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Label-centred scores in units of their spread, so rounds (and the final model) whose
+    raw scale differs weigh alike when summed."""
+    out = center_by_label(scores, labels)
+    return out / max(float(out.std()), 1e-12)
 
 
 def _flat(state: dict, keys: list[str]) -> np.ndarray:
@@ -210,28 +224,26 @@ def run_once(cfg: FedConfig, m: int, seed: int, owners: int) -> RunResult:
     ledgers = [PrivacyLedger(cfg.delta, cfg.target_epsilon) if cfg.dp else None for _ in datasets]
 
     keys = sorted(trainable_state(model))
-    head_name, _ = _head(model)
-    head_keys = [k for k in keys if k.startswith(head_name + ".")]
-    head_keys = sorted(head_keys, key=lambda k: not k.endswith("weight"))  # weight, then bias
+    labels = canary_ds.tensors[2].numpy()
     global_state = trainable_state(model)
     initial_losses = _losses(model, canary_ds)
     round_scores = np.zeros(m)
     for rnd in range(1, cfg.rounds + 1):
         load_trainable_state(model, global_state)
-        grads = _unit_head_gradients(model, canary_ds)  # the attacker holds the round's starting global
+        grads = _unit_gradients(model, canary_ds, keys)  # the attacker holds the round's starting global
         deltas = []
         for ds, plan, ledger in zip(datasets, plans, ledgers):
             load_trainable_state(model, global_state)
             train_local(model, ds, cfg, ledger, plan, server_round=rnd)
             deltas.append(_flat(trainable_state(model), keys) - _flat(global_state, keys))
         step = np.mean(deltas, axis=0)  # equal weights, as under DP; this is what the server learns
-        head_step = _flat({k: v for k, v in _unflat(step, global_state, keys).items()}, head_keys)
-        round_scores += grads @ (-head_step)  # a canary that trained pushes the head down its own loss
+        # a canary that trained pushed the adapter and head down its own loss
+        round_scores += standardise(grads @ (-step), labels) / math.sqrt(cfg.rounds)
         global_state = _unflat(_flat(global_state, keys) + step, global_state, keys)
     load_trainable_state(model, global_state)
-    labels = canary_ds.tensors[2].numpy()
     final_scores = center_by_label(initial_losses - _losses(model, canary_ds), labels)
-    round_scores = center_by_label(round_scores, labels)
+    # the server that saw every round also holds the final model: it adds the final attacker's evidence
+    round_scores = standardise(round_scores, labels) + standardise(final_scores, labels)
     delta = cfg.delta if cfg.dp else 0.0
     return RunResult(
         dp=f"eps={cfg.target_epsilon:g}" if cfg.dp else "off",
@@ -259,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="FedConfig key=value, e.g. model=minilm rounds=4")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    base = {"model": "tiny-bert", "brands": args.owners, "num_clients": args.owners, "examples_per_brand": 400,
+    base = {"model": "minilm", "brands": args.owners, "num_clients": args.owners, "examples_per_brand": 400,
             "max_length": 32, "output": ""}
     for item in args.overrides:
         key, _, value = item.partition("=")

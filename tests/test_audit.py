@@ -30,3 +30,26 @@ def test_audit_runs_through_the_training_path(tiny_cfg):
     assert res.canaries == 32 and 0 < res.included < 32
     assert 0 < res.spent_epsilon <= tiny_cfg.target_epsilon
     assert {"epsilon_lb", "auc", "guesses", "correct"} <= set(res.final) and res.rounds["guesses"] > 0
+
+
+def test_white_box_gradients_match_one_example_backward(tiny_cfg):
+    import torch
+
+    from shared.data import SYNTHETIC_LABELS, encode, trim_padding
+    from shared.lora import build_model, trainable_state
+    from simulations.audit import _unit_gradients, make_canaries
+
+    model, tokenizer = build_model(tiny_cfg, len(SYNTHETIC_LABELS))
+    ds = encode(make_canaries(5, np.random.default_rng(0), tokenizer), SYNTHETIC_LABELS, tokenizer, 32)
+    keys = sorted(trainable_state(model))
+    grads = _unit_gradients(model, ds, keys, batch=3)
+    named = dict(model.named_parameters())
+    assert all(p.grad is None and getattr(p, "grad_sample", None) is None for p in named.values() if p.requires_grad)
+    assert not any(hasattr(m, "_forward_hooks") and m._forward_hooks for m in model.modules()), "hooks left behind"
+    for i in range(len(ds)):
+        ids, mask, y = ds[i:i + 1]
+        ids, mask = trim_padding(ids, mask)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, y).backward()
+        g = torch.cat([named[k].grad.reshape(-1) for k in keys]).double().numpy()
+        assert np.allclose(grads[i], g / np.linalg.norm(g), atol=1e-5)
