@@ -50,22 +50,28 @@ def _load_model(folder: Path, cfg, device: str | None):
     return model, tokenizer
 
 
+def _open(checkpoint: Path, data: Path, output: Path, columns: dict[str, str] | None, generative: bool):
+    """(checkpoint folder, its run's config, the file as read, its normalised rows): what
+    `predict` and `generate` check before any model loads."""
+    if output.suffix.lower() not in WRITERS:
+        raise FedLoraError(f"--output must end in {', '.join(WRITERS)}, got {output.name!r}")
+    folder, _ = latest_checkpoint(Path(checkpoint))
+    cfg = checkpoint_config(folder).replace(**(columns or {}))
+    _check_kind(folder, cfg, generative)
+    raw = read_table(str(data))
+    return folder, cfg, raw, normalize(raw, cfg, str(data), require_label=False)
+
+
 def predict_file(checkpoint: Path, data: Path, output: Path, batch_size: int = 128, device: str | None = None,
                  columns: dict[str, str] | None = None) -> dict:
     """Write `data` with the task's prediction columns added to `output`; when the file has
     labels, also return the task's metrics on it (what the server's evaluation reports).
     The file, its columns and the output name are checked before the model loads."""
     output = Path(output)
-    if output.suffix.lower() not in WRITERS:
-        raise FedLoraError(f"--output must end in {', '.join(WRITERS)}, got {output.name!r}")
     if batch_size < 1:
         raise FedLoraError("--batch-size must be at least 1")
-    folder, _ = latest_checkpoint(Path(checkpoint))
-    cfg = checkpoint_config(folder).replace(**(columns or {}))
-    _check_kind(folder, cfg, False)
+    folder, cfg, raw, frame = _open(checkpoint, data, output, columns, generative=False)
     task = get_task(cfg)
-    raw = read_table(str(data))
-    frame = normalize(raw, cfg, str(data), require_label=False)
     model, tokenizer = _load_model(folder, cfg, device)
     dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame, tokenizer, cfg, model), str(data))
     probs, y_true, loss = predict(model, dataset, batch_size)
@@ -120,15 +126,9 @@ def generate_file(checkpoint: Path, data: Path, output: Path | None = None, max_
 
     data = Path(data)
     output = Path(output) if output else data.with_name(f"{data.stem}-generated{data.suffix}")
-    if output.suffix.lower() not in WRITERS:
-        raise FedLoraError(f"--output must end in {', '.join(WRITERS)}, got {output.name!r}")
     if max_new_tokens < 1:
         raise FedLoraError("--max-new-tokens must be at least 1")
-    folder, _ = latest_checkpoint(Path(checkpoint))
-    cfg = checkpoint_config(folder).replace(**(columns or {}))
-    _check_kind(folder, cfg, True)
-    raw = read_table(str(data))
-    frame = normalize(raw, cfg, str(data), require_label=False)
+    folder, cfg, raw, frame = _open(checkpoint, data, output, columns, generative=True)
     model, tokenizer = _load_model(folder, cfg, device)
     limit = model_length_limit(tokenizer, model)
     lengths = [len(_prompt_tokens(tokenizer, p, limit, f"{data} row {i}")) for i, p in enumerate(frame["text"])]
