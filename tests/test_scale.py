@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from client import client_app as fedlora_client
 from client.secagg_mod import secagg_mod
 from shared.config import FedConfig
+from shared.secagg.protocol import STATE_RECORD
 from simulations.bench_secagg import ensure_task_identity
 
 PROBE_ENV = "FEDLORA_TEST_PROBE"
@@ -140,6 +141,14 @@ def _final_adapter(out: Path, rounds: int = 2) -> dict:
     from safetensors.numpy import load_file
 
     return load_file(out / "checkpoints" / f"round-{rounds:03d}" / "adapter_model.safetensors")
+
+
+def _secagg_state(entry: dict) -> dict:
+    """The client's secure-aggregation state as the probe saw it in the Context: one JSON
+    value whose keys carry a one-letter storage tag (client/secagg_mod.py::_save_state);
+    secrets stay hex strings, as stored."""
+    record = entry["state"].get(STATE_RECORD)
+    return {k[1:]: v for k, v in json.loads(record["json"]).items()} if record else {}
 
 
 def _states(probe: Path, pid: int) -> list[dict]:
@@ -268,8 +277,7 @@ def test_clients_sharing_one_worker_train_as_if_alone_and_never_see_each_others_
     labels = {p: set(client_partition(cfg, p)["label"]) for p in (0, 1)}
     assert labels[0].isdisjoint(labels[1])
     for p, other in ((0, 1), (1, 0)):
-        secrets = {v for e in states[p] for k, value in e["state"].get("secagg-state", {}).items()
-                   if k in SECRET_KEYS for v in (value if isinstance(value, list) else [value])}
+        secrets = {v for e in states[p] for k, v in _secagg_state(e).items() if k in SECRET_KEYS}
         assert len(secrets) >= 2 * 3  # three secrets or more a round, two rounds: the probe saw them
         seen_by_other = "\n".join(json.dumps(e["state"]) for e in states[other])
         leaked = [s for s in secrets if s in seen_by_other]
