@@ -6,6 +6,11 @@ server. So does the owner's privacy policy (client/policy.py), which the ClientA
 every round's request against. Under DP only masked adapter updates, epsilon and delta
 spent, bytes uploaded and a decline code leave the machine; details of a decline or a
 failure go to `<home>/client.log`.
+
+By default (`--isolation process`) the agent also runs one long-lived ClientApp process
+(client/clientapp_process.py) next to the SuperNode, so imports and the model load happen
+once per agent rather than once per message; `--isolation subprocess` is Flower's own
+mode, a fresh ClientApp process per message.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import secrets
 import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import tomli_w
 
-from shared.flower_process import flower_bin, split_address, start_foreground
+from shared.flower_process import flower_bin, split_address, start_foreground, start_in_group
 from shared.errors import FedLoraError
 
 if TYPE_CHECKING:
@@ -80,8 +88,10 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
               ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
               insecure: bool = False, validate: bool = True, max_retries: int | None = None,
               policy: "OwnerPolicy | None" = None, roster: Path | None = None,
-              secagg_min_fraction: float | None = None) -> int:
+              secagg_min_fraction: float | None = None, isolation: str = "process") -> int:
     split_address(superlink)
+    if isolation not in ISOLATION_MODES:
+        raise FedLoraError(f"--isolation must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
     data = Path(data).expanduser().resolve()
     if not data.is_file():
         raise FedLoraError(f"data file not found: {data}")
@@ -130,8 +140,17 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
     node_config = home / "node-config.toml"  # local only: read by this SuperNode, never uploaded
     node_config.write_text(tomli_w.dumps(values), encoding="utf-8")
 
+    port = free_port()
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", str(node_config),
-           "--port", str(free_port())]
+           "--port", str(port), "--isolation", isolation]
+    if isolation == "process":
+        # Only holders of this secret may claim the SuperNode's tasks (and with them the
+        # node's messages and context): the agent's own ClientApp process.
+        secret = home / "superexec.secret"
+        secret.touch(mode=0o600)
+        secret.chmod(0o600)
+        secret.write_bytes(secrets.token_bytes(32))
+        cmd += ["--superexec-auth-secret-file", str(secret)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -144,7 +163,66 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
     print(f"fedlora client: policy {policy}", file=sys.stderr, flush=True)
     proc = start_foreground(cmd, home)
     try:
-        return proc.wait()
+        if isolation == "subprocess":
+            return proc.wait()
+        app_cmd = [sys.executable, "-m", "client.clientapp_process", "--runtime-api-address", f"127.0.0.1:{port}",
+                   "--superexec-auth-secret-file", str(secret), "--ready-file", str(home / "clientapp.ready"),
+                   "--log-path", str(home / "client.log")]
+        return supervise(proc, lambda: start_in_group(app_cmd, home, proc), home / "clientapp.ready",
+                         home / "client.log")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+ISOLATION_MODES = ("process", "subprocess")
+RESTART_PAUSE = 1.0
+
+
+def _note(log_path: Path, text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+    try:
+        with open(log_path, "a", encoding="utf-8") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+    except OSError:
+        pass
+
+
+def supervise(node: subprocess.Popen, start_app, ready: Path, log_path: Path, poll: float = 0.5) -> int:
+    """Wait for the SuperNode, keeping its ClientApp process alive; the SuperNode's exit
+    status is the agent's.
+
+    A ClientApp process that dies after it began serving (killed, out of memory, a crash in
+    a native library) is restarted: the message it held fails for this round, as a crashed
+    `flwr-clientapp` would in Flower's subprocess mode, and the next round finds a fresh
+    one. One that dies before it ever served (a broken install) would die again: the agent
+    ends with a one-line error instead of looping.
+    """
+    ready.unlink(missing_ok=True)
+    app = start_app()
+    try:
+        while True:
+            code = node.poll()
+            if code is not None:
+                return code
+            app_code = app.poll()
+            if app_code is not None:
+                try:
+                    served = ready.read_text(encoding="utf-8").strip() == str(app.pid)
+                except OSError:
+                    served = False
+                if not served:
+                    raise FedLoraError(f"the ClientApp process exited with status {app_code} before it could serve "
+                                       f"(its output is above; log {log_path})")
+                _note(log_path, f"fedlora client: the ClientApp process {app.pid} exited with status {app_code}; "
+                                "restarting it")
+                time.sleep(RESTART_PAUSE)
+                if node.poll() is None:
+                    ready.unlink(missing_ok=True)
+                    app = start_app()
+                continue
+            time.sleep(poll)
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()

@@ -8,6 +8,7 @@ never leave the node.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedlora.client")
 
-# torch, transformers, peft and opacus are imported inside `train`: in deployment every
-# message starts a fresh ClientApp process, and the secure-aggregation key exchange
-# stages (handled by `secagg_mod`) should not pay ~10 s of imports each.
+# torch, transformers, peft and opacus are imported inside `train`: under Flower's
+# subprocess isolation (`fedlora client --isolation subprocess`) every message starts a
+# fresh ClientApp process, and the secure-aggregation key exchange stages (handled by
+# `secagg_mod`) should not pay ~10 s of imports each.
 
 LEDGER_KEY = "privacy-ledger"
 SEGMENT_RECORD = "segment"  # client/segment.py: marks a segment round
@@ -79,10 +81,10 @@ def _secagg_info(context: Context) -> "SecAggInfo | None":
     return SecAggInfo(threshold=int(rec["t-global"]), group_size=int(rec["group-size"]))
 
 
-def owner_log(context: Context, text: str) -> None:
-    """Details of a decline or failure: the owner's console and, in deployment, the
-    agent's local log file; never the reply."""
-    log.warning(text)
+def owner_log(context: Context, text: str, level: int = logging.WARNING) -> None:
+    """Details of a decline or failure, and model loads (at INFO): the owner's console
+    and, in deployment, the agent's local log file; never the reply."""
+    log.log(level, text)
     path = context.node_config.get("log-path")
     if path:
         try:
@@ -138,7 +140,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     from client.trainer import train_local
     from shared.data import choose_max_length, encode
     from shared.errors import FedLoraError
-    from shared.lora import cached_model, load_trainable_state, trainable_state
+    from shared.lora import cached_model, load_trainable_state, model_loads, trainable_state
     from shared.params import from_record, record_bytes, to_record
 
     try:
@@ -151,7 +153,11 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
     try:
         frame, source = client_frame(cfg, context.node_config)
+        loads = model_loads()
         model, tokenizer = cached_model(cfg, len(cfg.label_names))
+        if model_loads() > loads:  # the owner sees how often the agent pays a model load
+            owner_log(context, f"fedlora client: round {server_round}: loaded model {cfg.model} in process "
+                               f"{os.getpid()}", logging.INFO)
         dataset = encode(frame, cfg.label_names, tokenizer, choose_max_length(frame, tokenizer, cfg, model), source,
                          task=cfg.task, model=model)
     except FedLoraError as exc:

@@ -84,7 +84,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
                      insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
                      policy=_policy_from_args(args), roster=Path(args.roster) if args.roster else None,
-                     secagg_min_fraction=args.secagg_min_fraction)
+                     secagg_min_fraction=args.secagg_min_fraction, isolation=args.isolation)
 
 
 # --- run -----------------------------------------------------------------------------
@@ -234,6 +234,9 @@ def add_deploy_commands(sub) -> None:
     cli.add_argument("--num-threads", type=int, default=1, help="torch threads for local training")
     cli.add_argument("--home", default=None, help="working folder for the SuperNode (default ~/.fedlora/agent/<hash>)")
     cli.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
+    cli.add_argument("--isolation", choices=("process", "subprocess"), default="process",
+                     help="process: one long-lived ClientApp process, the model loads once per agent; subprocess: "
+                          "Flower's fresh ClientApp process per message (four a round with secure aggregation)")
     cli.add_argument("--no-validate", action="store_true", help=argparse.SUPPRESS)
     cli.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     _add_policy_flags(cli)

@@ -39,14 +39,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_foreground(cmd: list[str], flwr_home: Path) -> subprocess.Popen:
-    """Start a Flower process in its own group, offline, with our signals forwarded to it."""
-    # Flower starts its own helpers (flower-superexec, flwr-serverapp, ...) by name, so this
-    # environment's scripts must be on PATH even when the venv was never activated.
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every process an agent or server starts: offline, quiet, and
+    with this environment's scripts on PATH, since Flower starts its own helpers
+    (flower-superexec, flwr-serverapp, ...) by name even when the venv was never activated."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = os.environ | {"FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                        "TRANSFORMERS_VERBOSITY": "error", "PATH": path}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+    return os.environ | {"FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                         "TRANSFORMERS_VERBOSITY": "error", "PATH": path}
+
+
+def start_foreground(cmd: list[str], flwr_home: Path) -> subprocess.Popen:
+    """Start a Flower process in a process group of its own (outside the terminal's
+    foreground group, so a Ctrl-C reaches it once, through us), offline, with our signals
+    forwarded to that group and so to every process `start_in_group` adds to it."""
+    proc = subprocess.Popen(cmd, env=flower_env(flwr_home), process_group=0, preexec_fn=_die_with_parent)
 
     def forward(signum, _frame):
         if proc.poll() is None:
@@ -55,3 +61,8 @@ def start_foreground(cmd: list[str], flwr_home: Path) -> subprocess.Popen:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, forward)
     return proc
+
+
+def start_in_group(cmd: list[str], flwr_home: Path, leader: subprocess.Popen) -> subprocess.Popen:
+    """Start a helper in `leader`'s process group: one signal, or one kill, reaches both."""
+    return subprocess.Popen(cmd, env=flower_env(flwr_home), process_group=leader.pid, preexec_fn=_die_with_parent)

@@ -94,6 +94,11 @@ def cached_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrained
     return _cached((tuple((k, getattr(cfg, k)) for k in _MODEL_KEYS), num_labels))
 
 
+def model_loads() -> int:
+    """How many models this process has built (cache misses of `cached_model`)."""
+    return _cached.cache_info().misses
+
+
 def trainable_state(model: PeftModel) -> dict[str, np.ndarray]:
     """Exactly the tensors that train, hence exactly the tensors that travel."""
     return {
