@@ -123,7 +123,7 @@ class TaskRunner:
     def run(self, token: str) -> None:
         """Flower's `run_clientapp` for one task, minus the process exit."""
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True,
+            server_address=self.address, insecure=True, root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                           RuntimeTokenHttpInterceptor(token)],
             retry_invoker=make_simple_http_retry_invoker(),
@@ -159,7 +159,7 @@ def serve(address: str, secret: bytes, ready_file: Path | None, log_path: str | 
           poll: float = POLL_SECONDS) -> None:
     runner = TaskRunner(address, log_path)
     client = RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True,
+        server_address=address, insecure=True, root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
                       SuperExecAuthHttpInterceptor(master_secret=secret,
                                                    protected_methods={"/flwr.proto.Runtime/AcquireTask"})],
