@@ -30,6 +30,7 @@ def test_one_process_serves_many_dp_rounds_without_reloading_or_stacking_hooks(t
     of hooks every round and leaves none behind (opacus#608), the model loads once, and the
     ledger keeps composing."""
     node_config, ledger, log = owner
+    cfg = tiny_cfg.replace(rounds=3)  # the budget spread over the three rounds
     wrapped = []
     real = secure_random.make_private
 
@@ -40,7 +41,7 @@ def test_one_process_serves_many_dp_rounds_without_reloading_or_stacking_hooks(t
 
     monkeypatch.setattr(secure_random, "make_private", spy)
     context = _context(node_config, secagg_threshold=2)
-    msg = _message(tiny_cfg)
+    msg = _message(cfg)
     loads = model_loads()
     epsilons = []
     for rnd in (1, 2, 3):
@@ -53,8 +54,8 @@ def test_one_process_serves_many_dp_rounds_without_reloading_or_stacking_hooks(t
         assert set(got) == set(sent)
         for name in sent:
             assert not np.allclose(got[name], sent[name]), f"round {rnd}: {name} did not move"
-        cfg = tiny_cfg.replace(labels=msg.content["config"]["labels"])
-        model, _ = cached_model(cfg, len(cfg.label_names))
+        sent_cfg = cfg.replace(labels=msg.content["config"]["labels"])
+        model, _ = cached_model(sent_cfg, len(sent_cfg.label_names))
         assert _hooks(model) == 0, f"round {rnd}: Opacus hooks left on the cached model"
         assert not any(getattr(p, "grad_sample", None) is not None for p in model.parameters())
         epsilons.append(metrics["epsilon"])
