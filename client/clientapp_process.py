@@ -83,7 +83,14 @@ class TaskRunner:
     """Runs one ClientApp task after another in this process."""
 
     def __init__(self, address: str, log_path: str | None):
-        from client.client_app import app  # imported once; torch and the model follow on the first round
+        from client.client_app import app
+
+        # What every training round imports (~10 s on a busy CPU), now, while the agent
+        # waits to join, rather than inside round 1's stages. The model itself waits for
+        # the run's config.
+        import opacus  # noqa: F401
+        import client.trainer  # noqa: F401 - torch
+        import shared.lora  # noqa: F401 - transformers, peft
 
         self.address, self.log_path, self.app = address, log_path, app
         self.local = local_app_id()

@@ -169,7 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
     import tempfile
+    import warnings
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     from shared.certs import create_certs
 
@@ -190,12 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         results["deployed"][mode] = res
         print(f"deployed ({mode}): rounds {res['rounds']} s, model loads per agent {res['model_loads']}", flush=True)
     results["in_process"] = in_process(folder / "in-process", owners, config)
-    load["end"] = os.getloadavg()
+    load["in-process"] = load["end"] = os.getloadavg()
     results["load_average"] = load
     base = results["in_process"]["rounds"]
     print(f"in-process: rounds {base} s", flush=True)
     print(f"\n{args.model}, 3 owners x {args.rows} rows, DP + secure aggregation, {args.rounds} rounds, "
-          f"{os.cpu_count()} CPUs; load average (1 min) {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end")
+          f"{os.cpu_count()} CPUs; load average (1 min) at the start {load['start'][0]:.1f}, after "
+          + ", after ".join(f"{k} {v[0]:.1f}" for k, v in load.items() if k not in ("start", "end")))
     print(f"{'':<24}{'round 1':>10}{'rounds 2+':>12}{'ratio r1':>10}{'ratio 2+':>10}")
     print(f"{'in-process':<24}{base[0]:>10.1f}{mean(base[1:]):>12.1f}{1.0:>10.2f}{1.0:>10.2f}")
     for mode, res in results["deployed"].items():

@@ -156,6 +156,9 @@ def test_three_owners_two_rounds_tls_node_auth_secagg_dp(federation):
     for i in (1, 2, 3):
         ledger = json.loads((tmp / f"ledger{i}.json").read_text())
         assert ledger["rounds_trained"] == [1, 2]
+        # one long-lived ClientApp process per agent: the model loaded once over both rounds
+        # (the agent's default home is next to its ledger's folder)
+        assert (tmp.parent / "agent" / f"ledger{i}" / "client.log").read_text().count("loaded model") == 1
     assert not (tmp / "ledger4.json").exists()
     # the malformed file is reported for that node only
     assert "cannot read" in procs.log("owner4") or "clients_failed" in json.dumps(summary)
@@ -323,6 +326,10 @@ def test_dropout_mid_round_and_restart_keeps_the_ledger_composing(federation):
     assert r3["epsilon_max"] is not None and after.epsilon() <= r3["epsilon_max"] + 1e-6
     for i in (1, 3):  # the owners that never dropped trained every round
         assert read_json(tmp / f"ledger{i}.json")["rounds_trained"] == [1, 2, 3]
+    # each agent loads the model once, in its long-lived ClientApp process: once in three
+    # rounds for owners 1 and 3, once per start for owner 2
+    loads = {i: (tmp / f"agent{i}" / "client.log").read_text().count("loaded model") for i in (1, 2, 3)}
+    assert loads == {1: 1, 2: 2, 3: 1}, loads
     assert "SuperNode ID" in procs.log("owner2-again") or "joining" in procs.log("owner2-again")
 
 
