@@ -217,15 +217,21 @@ def clock():
     out.append(Cost(time.perf_counter() - w0, time.process_time() - c0))
 
 
-def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator) -> tuple[Cost, float]:
+WEIGHTS = {"equal": "each client weighs 1, as under DP (the app's default): W = 1, a 32-bit ring up to 128 "
+                    "clients", "examples": "example counts as weights (non-DP runs): W = 16384, a 64-bit ring"}
+
+
+def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator,
+           weights: str = "examples") -> tuple[Cost, float]:
     g = adapter(n_params, rng)
     deltas = {k: (rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for k, a in g.items()}
     nodes = list(range(100, 100 + n))
-    grid = InProcessGrid({nid: make_train(deltas, 100 + nid) for nid in nodes})
+    equal = weights == "equal"
+    grid = InProcessGrid({nid: make_train(deltas, 1 if equal else 100 + nid) for nid in nodes})
     msgs = train_messages(nodes, g)
     with clock() as cost:
         if secure:
-            res = secure_aggregate(grid, g, msgs, SecAggConfig())
+            res = secure_aggregate(grid, g, msgs, SecAggConfig(equal_weights=equal))
             assert res.error is None, res.error
         else:
             plain_fedavg(grid, g, msgs)
@@ -338,7 +344,7 @@ def real_round(n: int, variant: str, examples: int, dp: bool = False) -> Cost:
                     message_type=MessageType.TRAIN, group_id="1") for nid in nodes]
     with clock() as cost:
         if variant == "ours":
-            res = secure_aggregate(grid, g, msgs, SecAggConfig())
+            res = secure_aggregate(grid, g, msgs, SecAggConfig(equal_weights=dp))  # as the app: DP -> W = 1
             assert res.error is None and not res.dropped, (res.error, res.dropped)
         else:
             replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
@@ -444,29 +450,37 @@ def main() -> None:
     ap.add_argument("--real-clients", type=int, nargs="*", default=[10, 50, 100],
                     help="client counts for the real-training rounds (none: skip them)")
     ap.add_argument("--real-examples", type=int, default=32, help="examples per client in the real rounds")
+    ap.add_argument("--weights", nargs="+", choices=sorted(WEIGHTS), default=["equal", "examples"],
+                    help="client weighting(s) in the micro-benchmark, each a row (equal: as under DP)")
     ap.add_argument("--micro-reps", type=int, default=3, help="micro-benchmark repetitions (best of)")
     ap.add_argument("--real-reps", type=int, default=3, help="real-round repetitions (best of)")
     ap.add_argument("--real-dp", action="store_true", help="DP-SGD in the real rounds (slow noise calibration)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
-    print(f"{'clients':>7} {'params':>9} {'k':>3} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'cpu':>6} "
+    for w in args.weights:
+        print(f"weights {w}: {WEIGHTS[w]}")
+    print(f"{'clients':>7} {'params':>9} {'k':>3} {'weights':>8} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'cpu':>6} "
           f"{'flwr s':>8} {'ratio':>6} {'cpu':>6} {'ours client s/node':>18} {'ours server s':>13} "
           f"{'ours masks s':>12} {'flwr masks s':>12}")
     for n, p in rows:
-        plain = sec = flwr_full = WORST
+        plain, flwr_full = WORST, WORST
+        sec = dict.fromkeys(args.weights, WORST)
+        client = dict.fromkeys(args.weights, 0.0)
         for _ in range(args.micro_reps):  # interleaved, so load from other processes hits all alike
             plain = plain.best(_round(n, p, False, rng)[0])
-            t, c = _round(n, p, True, rng)
-            if t.wall < sec.wall:
-                client = c
-            sec = sec.best(t)
+            for w in args.weights:
+                t, c = _round(n, p, True, rng, w)
+                if t.wall < sec[w].wall:
+                    client[w] = c
+                sec[w] = sec[w].best(t)
             flwr_full = SKIPPED if args.skip_flwr else flwr_full.best(flwr_secaggplus_round(n, p, rng))
         ours_m = ours_mask_cost(n, p)
         flwr_m = flwr_mask_cost(n, p)
-        print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {plain.wall:>8.3f} {_ratios(sec, plain)} "
-              f"{_ratios(flwr_full, plain)} {client / n:>18.4f} {sec.wall - client:>13.3f} "
-              f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
+        for w in args.weights:
+            print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {w:>8} {plain.wall:>8.3f} {_ratios(sec[w], plain)} "
+                  f"{_ratios(flwr_full, plain)} {client[w] / n:>18.4f} {sec[w].wall - client[w]:>13.3f} "
+                  f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
     ours, theirs = mask_throughput(args.params)
     print(f"\nmask generation throughput ({args.params} uint64 elements): ours AES-256-CTR {ours:,.0f} MB/s, "
           f"flwr pseudo_rand_gen {theirs:,.0f} MB/s ({ours / theirs:.1f}x)")
