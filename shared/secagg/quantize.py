@@ -133,8 +133,10 @@ def encode_clipped(delta: np.ndarray | Pieces, weight: int, fmt: RingFormat) -> 
         flat = flat.reshape(-1)
         if pos + flat.size > size:
             raise ValueError(f"update has more than the declared {size} values")
-        np.multiply(flat, f, out=flat)
-        if not math.isfinite(float(flat.sum())):
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are expected here: cleaned below
+            np.multiply(flat, f, out=flat)
+            finite = math.isfinite(float(flat.sum()))
+        if not finite:
             np.nan_to_num(flat, copy=False, nan=0.0, posinf=lim, neginf=-lim)
         np.clip(flat, -lim, lim, out=flat)
         np.rint(flat, out=flat)
