@@ -4,7 +4,9 @@ Runs the real server workflow (``server.secure_aggregation``) against the real c
 (``client.secagg_mod``) through :class:`InProcessGrid`, a Grid whose ``send_and_receive``
 hands each message to the destination node's mod with that node's own Context. The local
 "training" of the micro-benchmark is a stub that returns global + a fixed random delta, so its
-table isolates the aggregation cost: the ratio is the worst case. The second table runs real
+table isolates the aggregation cost: the ratio is the worst case. It is timed for each client
+weighting (``--weights``): equal weights, as under DP (the app's default; W = 1 fits a 32-bit
+ring up to 128 clients), and example counts (non-DP; a 64-bit ring). The second table runs real
 rounds: the app's own ClientApp ``train`` (tiny-bert, local data partitions) behind plain
 FedAvg, this protocol and flwr's SecAgg+ (flwr's ``secaggplus_mod`` + ``SecAggPlusWorkflow``);
 its tiny-bert adapter (578 values) and 32 examples per client make training as short as it
