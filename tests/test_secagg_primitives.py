@@ -198,6 +198,19 @@ def test_honest_encoding_clips_and_n_worst_case_clients_never_overflow():
         assert total == w and wsum[0] == pytest.approx(w * clip, rel=1e-6) and wsum[2] == 0
 
 
+def test_encoding_refuses_a_format_without_headroom_instead_of_wrapping():
+    from shared.secagg.quantize import RingFormat, encode_clipped
+
+    for bits in (32, 20):
+        fmt = RingFormat(bits=bits, scale=2.0 ** (bits - 1), max_weight=1, clip=1.0)  # 1.0 * scale is the sign bit
+        with pytest.raises(ValueError):
+            encode_clipped(np.array([1.0, -1.0]), 1, fmt)
+        with pytest.raises(ValueError):
+            encode(np.array([1.0, -1.0]), 1, fmt)
+    fmt = RingFormat(bits=20, scale=2.0 ** 17, max_weight=1, clip=1.0)  # 2^(bits-3): fits, reduced mod 2^20
+    assert list(encode(np.array([1.0, -1.0]), 1, fmt)) == [1 << 17, (1 << 20) - (1 << 17), 1]
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 @pytest.mark.parametrize("bits,length", [(64, 70_001), (32, 140_003), (20, 70_001)])
 def test_add_masks_by_range_equals_whole_masks(monkeypatch, workers, bits, length):

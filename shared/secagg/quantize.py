@@ -97,8 +97,18 @@ def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
         raise QuantizationOverflow(f"|delta|_inf = {amax:.6g} exceeds the declared bound {fmt.clip:.6g}")
     vals = np.multiply(flat, weight * fmt.scale, dtype=np.float64)
     np.rint(vals, out=vals)
-    np.copyto(out[:-1].view(np.int64 if out.itemsize == 8 else np.int32), vals, casting="unsafe")  # see encode_clipped
+    np.copyto(out[:-1].view(_signed_word(fmt, weight * fmt.scale * fmt.clip)), vals, casting="unsafe")
     return reduce(out, fmt.bits)
+
+
+def _signed_word(fmt: RingFormat, lim: float) -> type:
+    """The signed integer of the ring's word width. Values within +-lim <= 2^(bits-2) (the
+    format's headroom) cast to it exactly, and their two's-complement bits are the ring
+    elements; a format without that headroom is refused rather than wrapped."""
+    word = np.int64 if fmt.dtype.itemsize == 8 else np.int32
+    if lim >= 2.0 ** (min(fmt.bits, 8 * fmt.dtype.itemsize) - 1):
+        raise ValueError(f"ring format leaves no headroom: values up to {lim:.6g} in a {fmt.bits}-bit ring")
+    return word
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ def encode_clipped(delta: np.ndarray | Pieces, weight: int, fmt: RingFormat) -> 
         return out
     f = weight * fmt.scale
     lim = math.floor(f * fmt.clip)
-    signed = out[:-1].view(np.int64 if out.itemsize == 8 else np.int32)
+    signed = out[:-1].view(_signed_word(fmt, lim))
     pos = 0
     for flat in pieces:
         flat = flat.reshape(-1)
@@ -140,8 +150,6 @@ def encode_clipped(delta: np.ndarray | Pieces, weight: int, fmt: RingFormat) -> 
             np.nan_to_num(flat, copy=False, nan=0.0, posinf=lim, neginf=-lim)
         np.clip(flat, -lim, lim, out=flat)
         np.rint(flat, out=flat)
-        # |value| <= lim <= 2^(bits-2) (the format's headroom): the cast to the signed word
-        # of the ring's width is exact, and its two's-complement bits are the ring element
         np.copyto(signed[pos: pos + flat.size], flat, casting="unsafe")
         pos += flat.size
     if pos != size:
