@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 from flwr.app import Context
@@ -19,6 +18,7 @@ from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
 from client.privacy import plan_privacy
 from shared.data import choose_max_length, client_partition, load_federation, partitioning
 from shared.errors import FedLoraError
+from shared.quiet import offline_and_quiet
 from shared.lora import cached_model
 
 
@@ -147,9 +147,9 @@ def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = Fals
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    offline_and_quiet(verbose)
     backend_config = ray_backend_config(cfg, verbose)
     # One signing key per virtual client; their public keys are the registered roster. The
     # folder is named in the environment (Ray workers inherit it) for this run only. On a
