@@ -80,8 +80,10 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
               ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
               insecure: bool = False, validate: bool = True, max_retries: int | None = None,
               policy: "OwnerPolicy | None" = None, roster: Path | None = None,
-              secagg_min_fraction: float | None = None) -> int:
+              secagg_min_fraction: float | None = None, device: str = "auto") -> int:
     split_address(superlink)
+    if device not in ("auto", "cpu", "cuda"):
+        raise FedLoraError(f"--device must be auto, cpu or cuda, got {device!r}")
     data = Path(data).expanduser().resolve()
     if not data.is_file():
         raise FedLoraError(f"data file not found: {data}")
@@ -105,7 +107,7 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
 
     values: dict[str, object] = {"data-path": str(data), "text-column": text_column, "label-column": label_column,
                                  "profile-column": profile_column, "offer-column": offer_column,
-                                 "ledger-path": str(ledger), "num-threads": int(num_threads),
+                                 "ledger-path": str(ledger), "num-threads": int(num_threads), "device": device,
                                  "log-path": str(home / "client.log"), **policy.to_node_config()}
     if target_epsilon is not None:
         values["target-epsilon"] = float(target_epsilon)

@@ -84,7 +84,7 @@ def _cmd_client(args: argparse.Namespace) -> int:
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
                      insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
                      policy=_policy_from_args(args), roster=Path(args.roster) if args.roster else None,
-                     secagg_min_fraction=args.secagg_min_fraction)
+                     secagg_min_fraction=args.secagg_min_fraction, device=args.device)
 
 
 # --- run -----------------------------------------------------------------------------
@@ -232,6 +232,9 @@ def add_deploy_commands(sub) -> None:
                      help="this owner's epsilon budget over all rounds; tightens the operator's, never loosens it")
     cli.add_argument("--ledger", default=None, help="epsilon ledger file (default ~/.fedlora/ledgers/ledger-<hash>.json)")
     cli.add_argument("--num-threads", type=int, default=1, help="torch threads for local training")
+    cli.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where this owner trains: auto (a CUDA GPU when one is visible, else the CPU); "
+                          "the server's setting is ignored")
     cli.add_argument("--home", default=None, help="working folder for the SuperNode (default ~/.fedlora/agent/<hash>)")
     cli.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
     cli.add_argument("--no-validate", action="store_true", help=argparse.SUPPRESS)

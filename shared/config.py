@@ -78,8 +78,9 @@ class FedConfig:
     local_baseline: bool = field(default=False, metadata={"help": "simulation: also train each owner alone at the same budget and compare"})
     output: str = field(default="runs/latest", metadata={"help": "folder for summary.json, metrics.csv, checkpoints and the plot"})
     resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
+    device: str = field(default="auto", metadata={"help": "where models train and evaluate: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda"})
     client_cpus: float = 1.0
-    client_gpus: float = 0.0
+    client_gpus: float = field(default=0.0, metadata={"help": "simulation: GPU share of each Ray worker (0: chosen from the model's size and the GPU's free memory when --device puts training on a GPU)"})
     workers: int = field(default=0, metadata={"help": "simulation: Ray workers on this machine, each holding one model and serving virtual clients one after another (0: as many as --client-cpus fits in the CPUs)"})
     ray_address: str = field(default="", metadata={"help": "simulation: attach to a running Ray cluster (host:port of `ray start --head`, or 'auto'); empty: a private Ray instance on this machine"})
     # customer segments (`fedlora segment`): federated k-means on sentence embeddings
@@ -138,6 +139,10 @@ class FedConfig:
             raise FedLoraError("--batch-size must be at least 1")
         if self.secagg_max_weight < 1 or self.secagg_timeout < 0:
             raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout 0 (automatic) or positive")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise FedLoraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.client_gpus <= 1:
+            raise FedLoraError(f"--client-gpus must be in [0, 1] (a share of one GPU), got {self.client_gpus}")
         if self.workers < 0 or not self.client_cpus > 0:
             raise FedLoraError("--workers must be 0 (automatic) or positive and --client-cpus positive")
         if self.workers and self.ray_address:

@@ -99,9 +99,38 @@ def ray_backend_config(cfg: FedConfig, verbose: bool = False) -> dict:
         if cfg.workers:
             init_args["num_cpus"] = cfg.workers * cfg.client_cpus
     return {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": gpu_share(cfg)},
         "init_args": init_args,
     }
+
+
+CUDA_CONTEXT_BYTES = 600 * 2**20
+"""What a process pays on a GPU before its first tensor (CUDA context, kernels, allocator)."""
+
+
+def workers_per_gpu(model_bytes: int, free_bytes: int, cpu_slots: int) -> int:
+    """How many workers share one GPU: as many as its free memory holds (each a CUDA context,
+    the frozen model, and three times the model again for activations, per-sample gradients
+    and the optimizer's state, a margin that covers MiniLM to SmolLM2 at the default batch),
+    and no more than the CPUs can feed, at least one."""
+    fit = int(0.9 * free_bytes // (CUDA_CONTEXT_BYTES + 4 * model_bytes))
+    return max(1, min(fit, cpu_slots))
+
+
+def gpu_share(cfg: FedConfig) -> float:
+    """Each Ray worker's share of a GPU: --client-gpus, or, when the models train on a GPU,
+    one over `workers_per_gpu` of this machine's first GPU; 0 on the CPU."""
+    import torch
+
+    from shared.lora import resolve_device
+
+    if cfg.client_gpus or resolve_device(cfg.device).type != "cuda":
+        return cfg.client_gpus
+    model = cached_model(cfg, len(load_federation(cfg).labels))[0]  # preflight's model, cached
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    slots = int((cfg.workers or os.cpu_count() or 1) // cfg.client_cpus)
+    return 1.0 / workers_per_gpu(model_bytes, free, slots)
 
 
 FORWARDED_ENV_PREFIXES = ("FEDLORA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_", "MALLOC_")
