@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
@@ -15,7 +17,7 @@ from rich.console import Console
 from client.client_app import app as default_client_app
 from shared.config import FedConfig
 from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
-from client.privacy import plan_privacy
+from client.privacy import PrivacyPlan, plan_privacy
 from shared.data import choose_max_length, client_partition, load_federation, partitioning
 from shared.errors import FedLoraError
 from shared.quiet import offline_and_quiet
@@ -33,17 +35,25 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
     for note in parts.notes:
         console.print(f"[yellow]note:[/] {note}")
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    lengths = [choose_max_length(client_partition(cfg, pid), tokenizer, cfg, model) for pid in range(len(parts.kept))]
+    owners = length_sample(parts.sizes, cfg.seed)
+    lengths = [choose_max_length(client_partition(cfg, pid), tokenizer, cfg, model) for pid in owners]
     how = "--max-length" if cfg.max_length else f"95th percentile of each owner's token counts, cap {cfg.max_length_cap}"
+    if len(owners) < len(parts.kept):
+        how += f"; {len(owners)} owners sampled, each client measures its own"
     console.print(f"{len(parts.kept)} owners, {min(parts.sizes)} to {max(parts.sizes)} rows; "
                   f"max length {min(lengths)}-{max(lengths)} tokens ({how})")
     if cfg.dp:
         refused, small = [], []
+        plans: dict[int, PrivacyPlan | FedLoraError] = {}  # the plan depends on the size alone
         for name, size in zip(parts.names, parts.sizes):
-            try:
-                plan = plan_privacy(cfg, size)
-            except FedLoraError as exc:
-                refused.append((name, str(exc)))
+            if size not in plans:
+                try:
+                    plans[size] = plan_privacy(cfg, size)
+                except FedLoraError as exc:
+                    plans[size] = exc
+            plan = plans[size]
+            if isinstance(plan, FedLoraError):
+                refused.append((name, str(plan)))
                 continue
             if plan.batch_size < cfg.batch_size:
                 small.append(f"{name} ({size} rows: batch {plan.batch_size})")
@@ -55,6 +65,20 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
         if len(refused) == len(parts.names):
             raise FedLoraError(f"no owner can train under DP: {refused[0][1]}")
     return len(parts.kept)
+
+
+LENGTH_SAMPLE = 64
+
+
+def length_sample(sizes: list[int], seed: int) -> list[int]:
+    """The owners whose token lengths the preflight reports: all of them up to LENGTH_SAMPLE,
+    else the smallest, the largest and a seeded random rest (tokenizing 10,000 owners one by
+    one took two minutes; each client measures its own data anyway)."""
+    if len(sizes) <= LENGTH_SAMPLE:
+        return list(range(len(sizes)))
+    ends = {int(np.argmin(sizes)), int(np.argmax(sizes))}
+    rest = np.random.default_rng(seed).choice(len(sizes), LENGTH_SAMPLE, replace=False).tolist()
+    return sorted(ends | set(rest[: LENGTH_SAMPLE - len(ends)]))
 
 
 SIMULATION_STAGE_TIMEOUT = 24 * 3600.0
