@@ -198,6 +198,9 @@ def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = Fals
             raise
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts its workers at nice 15: on a shared machine any other job then takes the CPU
+    # from the clients' training while the server (this process, nice 0) waits for it.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
