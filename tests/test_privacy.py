@@ -15,7 +15,7 @@ from shared.data import SYNTHETIC_LABELS, client_partition, encode
 from shared.errors import FedLoraError
 from shared.lora import resolve_device, build_model, trainable_state
 from shared.params import to_record
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 
 
 def _dataset(cfg, pid=0):

@@ -25,7 +25,7 @@ from client import client_app as fedlora_client
 from client.secagg_mod import secagg_mod
 from shared.config import FedConfig
 from shared.secagg.protocol import STATE_RECORD
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 
 PROBE_ENV = "FEDLORA_TEST_PROBE"
 # An owner's own secure-aggregation secrets in its state record. ("share-keys" are not in the

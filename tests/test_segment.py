@@ -13,7 +13,7 @@ from client.policy import DeclineCode
 from client.privacy import ALPHAS, PrivacyLedger
 from fedlora.cli import main
 from server.segment import _messages
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 from shared.segment import (
     COUNT_WEIGHT, SENSITIVITY, cluster_stats, describe_segments, noise_schedule, simulation_owners, update_centroids,
 )
