@@ -116,6 +116,35 @@ def test_generate_takes_its_default_model_from_the_task():
     assert parse().model == "minilm"
 
 
+def test_client_agent_accepts_a_generate_file(tmp_path):
+    from client.agent import validate_data
+
+    train = synthetic_copy(2, 10, 4, seed=0)[0]
+    train.to_csv(tmp_path / "copy.csv", index=False)
+    assert validate_data(tmp_path / "copy.csv", model="tiny-llama") == 20  # the task from its columns
+    train.rename(columns={"prompt": "brief", "response": "copy"}).to_csv(tmp_path / "renamed.csv", index=False)
+    assert validate_data(tmp_path / "renamed.csv", prompt_column="brief", response_column="copy", task="generate",
+                         model="tiny-llama") == 20
+
+
+@pytest.mark.parametrize("rows, flags, message", [
+    ({"prompt": ["hi"], "copy": ["ok"]}, [], "column 'response' not in"),
+    ({"brief": ["hi"], "response": ["ok"]}, ["--task", "generate"], "column 'prompt' not in"),
+    ({"brief": ["hi"], "copy": ["ok"]}, [], "fits no task: it needs a 'text' column (classify)"),
+    ({"prompt": ["a", "b"], "response": ["ok", " "]}, [], "column 'response' has 1 empty responses (first at row 1)"),
+    ({"prompt": ["hi", "word " * 400], "response": ["ok", "ok"]}, ["--task", "generate"],
+     "1 prompts in {f} are longer than the model's context (256 tokens), e.g. row 1"),
+], ids=["no response column", "no prompt column", "no task fits", "empty response", "prompt longer than the context"])
+def test_client_agent_refuses_a_bad_generate_file_in_one_line(rows, flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("client.agent.start_foreground", lambda *a: pytest.fail("the agent joined with a bad file"))
+    path = tmp_path / "copy.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    argv = ["client", "--superlink", "127.0.0.1:9092", "--insecure", "--data", str(path), "--model", "tiny-llama", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.format(f=path) in err, err
+
+
 FLAGS = ["--task", "generate", "--model", "tiny-llama", "--brands", "2", "--examples-per-brand", "48",
          "--test-size", "16", "--rounds", "2", "--batch-size", "16", "--lr", "0.01"]
 
