@@ -253,13 +253,15 @@ def add_local_baselines(report, cfg: FedConfig, console: Console) -> None:
 
     console.rule("local-only baselines")
     final = {k: report.rounds[-1].get(k) for k in report.task.metrics} if report.rounds else None
+    task, metric = report.task, report.task.headline
     for name, entry in local_only(cfg, console).items():
         owner = report.owners.setdefault(name, {})
         owner.update(entry)
         owner.setdefault("federated", final)  # test rows not split by owner: the whole test set
+        if owner.get("local") and owner.get("federated"):  # > 0: joining helped, whichever way the metric points
+            owner["gain"] = task.gain(owner["local"][metric], owner["federated"][metric])
     report.write()
-    print_owner_table(report.owners, console, report.task)
-    metric = report.task.headline
+    print_owner_table(report.owners, console, task)
     pairs = [(e["local"][metric], e["federated"][metric]) for e in report.owners.values() if e.get("local") and e.get("federated")]
     if pairs:
         console.print(f"mean over {len(pairs)} owners of {metric} on their own test rows: local-only "

@@ -116,6 +116,31 @@ def test_generate_takes_its_default_model_from_the_task():
     assert parse().model == "minilm"
 
 
+def test_owner_gain_is_positive_when_the_federated_perplexity_is_lower():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from simulations.local_only import print_owner_table
+
+    owners = {"helped": {"rows": 10, "local": {"perplexity": 40.0}, "federated": {"perplexity": 30.0}},
+              "hurt": {"rows": 10, "local": {"perplexity": 20.0}, "federated": {"perplexity": 25.0}},
+              "declined": {"rows": 3, "local": None, "federated": {"perplexity": 25.0}}}
+    generate = get_task("generate")
+    assert not generate.higher_is_better and generate.gain(40.0, 30.0) == 10.0 and generate.gain(20.0, 25.0) == -5.0
+    out = StringIO()
+    print_owner_table(owners, Console(file=out, width=200), generate)
+    rows = {line.split()[1]: line.split()[-2] for line in out.getvalue().splitlines() if line.split()[1:2] in
+            (["helped"], ["hurt"], ["declined"])}
+    assert rows == {"helped": "+10.000", "hurt": "-5.000", "declined": "-"}
+    assert "lower is better" in out.getvalue()
+    # a score in [0, 1] where higher is better: the gain in points, federated minus local
+    out = StringIO()
+    owners = {"a": {"rows": 10, "local": {"macro_f1": 0.6}, "federated": {"macro_f1": 0.75}}}
+    print_owner_table(owners, Console(file=out, width=200), get_task("classify"))
+    assert "+15.0 pt" in out.getvalue() and "higher is better" in out.getvalue()
+
+
 def test_client_agent_accepts_a_generate_file(tmp_path):
     from client.agent import validate_data
 

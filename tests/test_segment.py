@@ -191,6 +191,24 @@ def test_segment_bad_input_gives_one_line_exit_2_and_keeps_the_ledgers(case, seg
     assert ledger.read_text() == '{"kept": true}'
 
 
+def test_segment_flags_are_the_config_fields_with_their_help():
+    from dataclasses import fields
+
+    from fedlora.cli import build_parser
+    from shared.config import FedConfig, flag_help
+
+    parser = build_parser()
+    seg = parser._subparsers._group_actions[0].choices["segment"]
+    actions = {a.dest: a for a in seg._actions}
+    field = {f.name: f for f in fields(FedConfig)}
+    for dest, flag in (("segment_k", "--k"), ("segment_epsilon", "--target-epsilon"), ("data", "--data"),
+                       ("text_column", "--text-column"), ("seed", "--seed"), ("num_clients", "--num-clients")):
+        assert actions[dest].option_strings == [flag] and actions[dest].help == flag_help(field[dest])
+    assert actions["output"].help.endswith("(default: runs/segments)")
+    args = parser.parse_args(["segment", "--k", "3", "--target-epsilon", "1.5", "--client-cpus", "0.5"])
+    assert (args.segment_k, args.segment_epsilon, args.client_cpus, args.output, args.dp) == (3, 1.5, 0.5, None, True)
+
+
 @pytest.mark.slow
 def test_segment_end_to_end_through_flower_with_secure_aggregation(seg_cfg):
     from simulations.segment import simulate_segment
