@@ -1,11 +1,10 @@
 """A normal run hides library chatter; `--verbose` shows it (issue 9: quiet, readable output)."""
+import os
 import subprocess
 import sys
 
 SCRIPT = """
-import os, sys, warnings
-for key in ("TRANSFORMERS_VERBOSITY", "TQDM_DISABLE", "PYTHONWARNINGS"):
-    os.environ.pop(key, None)
+import sys, warnings
 from transformers.utils import logging as hf_logging
 from shared.quiet import offline_and_quiet
 offline_and_quiet(verbose=sys.argv[1] == "verbose")
@@ -19,7 +18,10 @@ for _ in tqdm(range(3), desc="Loading weights"):
 
 
 def _stderr(mode: str) -> str:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+    # a clean environment: the CLI tests in this process have set the quiet variables already
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRANSFORMERS_VERBOSITY", "TQDM_DISABLE", "PYTHONWARNINGS")}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True, env=env)
     return out.stderr
 
 
