@@ -1,7 +1,8 @@
 """End-to-end protocol tests: the real server workflow against the real client mod.
 
-:class:`InProcessGrid` hands every message to the destination node's ``secagg_mod`` with that
-node's own Context; the only stand-in is local training, which returns global + a given delta.
+:class:`server.inprocess_grid.InProcessGrid` hands every message to the destination node's
+``secagg_mod`` with that node's own Context; the only stand-in is local training, which
+returns global + a given delta (``tests/helpers.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
 
 import client.secagg_mod as mod
 import server.secure_aggregation as sa
@@ -25,51 +25,9 @@ from shared.secagg.protocol import (
     unpack_blobs,
     unpack_ids,
 )
-from simulations.bench_secagg import InProcessGrid, make_train, train_messages
+from helpers import assert_matches, expected_fedavg, setup_round
+from server.inprocess_grid import train_messages
 from test_secagg_primitives import chi2_uniform_pvalue
-
-
-def setup_round(n, n_params=2_000, seed=0, declined=(), big=None, base_id=1000):
-    rng = np.random.default_rng(seed)
-    shapes = {"q.lora_B": (n_params // 4 // 8, 8), "v.lora_B": (n_params - n_params // 4 // 8 * 8,)}
-    g = ArrayRecord({k: Array((rng.standard_normal(s) * 0.05).astype(np.float32)) for k, s in shapes.items()})
-    nodes = [base_id + 7 * i for i in range(n)]
-    deltas, weights = {}, {}
-    for i, nid in enumerate(nodes):
-        deltas[nid] = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
-        if nid == big:
-            deltas[nid]["v.lora_B"][0] = 1e4
-        weights[nid] = int(rng.integers(1, 5000))
-    trains = {nid: make_train(deltas[nid], weights[nid], declined=nid in declined) for nid in nodes}
-    return g, nodes, deltas, weights, InProcessGrid(trains)
-
-
-def expected_fedavg(g, nodes, deltas, weights, declined=()):
-    total = sum(weights[n] for n in nodes if n not in declined)
-    out = {}
-    for k, a in g.items():
-        ga = a.numpy().astype(np.float64)
-        if total == 0:
-            out[k] = ga
-            continue
-        acc = np.zeros_like(ga)
-        for n in nodes:
-            if n in declined:
-                continue
-            local = (a.numpy() + deltas[n][k]).astype(np.float32).astype(np.float64)
-            acc += weights[n] * (local - ga)
-        out[k] = ga + acc / total
-    return out
-
-
-def assert_matches(res, expected):
-    assert res.error is None, res.error
-    assert res.quantization_error < 1e-6
-    for k, exp in expected.items():
-        got = res.arrays[k].numpy()
-        assert got.dtype == np.float32 and got.shape == exp.shape
-        tol = res.quantization_error + np.spacing(np.abs(exp).astype(np.float32)).astype(np.float64)
-        assert np.all(np.abs(got.astype(np.float64) - exp) <= tol), np.max(np.abs(got - exp))
 
 
 @pytest.mark.parametrize("n", [3, 10, 50])
