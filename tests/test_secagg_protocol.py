@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
+from flwr.app import ArrayRecord
 
 import client.secagg_mod as mod
 import server.secure_aggregation as sa
