@@ -22,7 +22,7 @@ from shared.secagg.protocol import resolve_k
 sa.resolve_k = resolve_k
 from server.secure_aggregation import SecAggConfig, secure_aggregate
 from shared.secagg.protocol import (
-    RECORD, RING_STYPE, STATE_RECORD, Key, Stage, connected, harary_graph, pack_blobs, pack_ids, ring_array, thresholds,
+    RECORD, RING_STYPE, Key, Stage, connected, harary_graph, pack_blobs, pack_ids, ring_array, thresholds,
     unpack_blobs,
     unpack_ids,
 )
