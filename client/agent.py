@@ -47,24 +47,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def validate_data(path: Path, text_column: str, label_column: str,
-                  profile_column: str = "profile", offer_column: str = "offer") -> int:
-    """Read the owner's file once, up front: a clear error now beats one mid-round. The
-    task is the server's choice, so the file must fit one: a text column (classify) or a
-    profile and an offer column (click)."""
+def validate_data(path: Path, text_column: str = "text", label_column: str = "label",
+                  profile_column: str = "profile", offer_column: str = "offer", prompt_column: str = "prompt",
+                  response_column: str = "response", task: str | None = None, model: str | None = None) -> int:
+    """Read the owner's file once, up front: a clear error now beats one mid-round.
+
+    The task is the server's choice; `task` names it, else the file must fit one by its
+    columns (the task modules' own input columns: text for classify, profile and offer
+    for click, prompt for generate). The rows then go through the steps the ClientApp
+    runs on them (`normalize`; for a generative task also its `encode` with `model`'s
+    tokenizer, default the task's model), so missing columns, empty texts or responses
+    and prompts longer than the model's context fail here, in one line."""
     from shared.config import FedConfig
-    from shared.data import normalize, read_table
+    from shared.data import choose_max_length, encode, normalize, read_table
+    from shared.tasks import TASKS, get_task
 
     df = read_table(str(path))
-    task = "click" if text_column not in df.columns and {profile_column, offer_column} <= set(df.columns) else "classify"
-    if task == "classify" and text_column not in df.columns:
-        raise FedLoraError(f"{path} has neither a {text_column!r} column (classify) nor {profile_column!r} and "
-                           f"{offer_column!r} columns (click); columns: {', '.join(map(str, df.columns))}")
-    cfg = FedConfig(task=task, text_column=text_column, label_column=label_column,
-                    profile_column=profile_column, offer_column=offer_column)
+    columns = dict(text_column=text_column, label_column=label_column, profile_column=profile_column,
+                   offer_column=offer_column, prompt_column=prompt_column, response_column=response_column)
+    if task is None:
+        fits = [name for name in TASKS if set(get_task(name).columns(FedConfig(**columns)).values()) <= set(df.columns)]
+        if not fits:
+            raise FedLoraError(f"{path} fits no task: it needs a {text_column!r} column (classify), {profile_column!r} "
+                               f"and {offer_column!r} columns (click) or {prompt_column!r} and {response_column!r} "
+                               f"columns (generate); columns: {', '.join(map(str, df.columns))}")
+        task = fits[0]
+    spec = get_task(task)
+    cfg = FedConfig(task=task, model=model or spec.default_model, **columns)
     frame = normalize(df, cfg, str(path))
-    if frame["text"].str.strip().eq("").all():
-        raise FedLoraError(f"{path}: column {text_column if task == 'classify' else profile_column!r} has no text")
+    if spec.generative:
+        from shared.models import load_base_model
+
+        base, tokenizer = load_base_model(cfg.model, 0, cfg.seed, task=spec)
+        encode(frame, [], tokenizer, choose_max_length(frame, tokenizer, cfg, base), str(path), task=spec, model=base)
+    elif frame["text"].str.strip().eq("").all():
+        raise FedLoraError(f"{path}: column {spec.columns(cfg)['text']!r} has no text")
     return len(frame)
 
 
@@ -84,14 +101,18 @@ def check_node_key(path: Path) -> None:
 
 def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, data: Path,
               text_column: str = "text", label_column: str = "label", profile_column: str = "profile",
-              offer_column: str = "offer", target_epsilon: float | None = None,
+              offer_column: str = "offer", prompt_column: str = "prompt", response_column: str = "response",
+              task: str | None = None, model: str | None = None, target_epsilon: float | None = None,
               ledger: Path | None = None, num_threads: int = 1, home: Path | None = None,
               insecure: bool = False, validate: bool = True, max_retries: int | None = None,
               policy: "OwnerPolicy | None" = None, roster: Path | None = None,
-              secagg_min_fraction: float | None = None, isolation: str = "process") -> int:
+              secagg_min_fraction: float | None = None, isolation: str = "process",
+              device: str = "auto") -> int:
     split_address(superlink)
     if isolation not in ISOLATION_MODES:
         raise FedLoraError(f"--isolation must be one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise FedLoraError(f"--device must be auto, cpu or cuda, got {device!r}")
     data = Path(data).expanduser().resolve()
     if not data.is_file():
         raise FedLoraError(f"data file not found: {data}")
@@ -106,7 +127,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
 
     policy = policy or OwnerPolicy()
     if validate:
-        rows = validate_data(data, text_column, label_column, profile_column, offer_column)
+        rows = validate_data(data, text_column, label_column, profile_column, offer_column, prompt_column,
+                             response_column, task, model)
         print(f"fedlora client: {data.name}: {rows} examples", file=sys.stderr, flush=True)
     ledger = Path(ledger).expanduser().resolve() if ledger else default_ledger(data)
     ledger.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +137,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
 
     values: dict[str, object] = {"data-path": str(data), "text-column": text_column, "label-column": label_column,
                                  "profile-column": profile_column, "offer-column": offer_column,
-                                 "ledger-path": str(ledger), "num-threads": int(num_threads),
+                                 "prompt-column": prompt_column, "response-column": response_column,
+                                 "ledger-path": str(ledger), "num-threads": int(num_threads), "device": device,
                                  "log-path": str(home / "client.log"), **policy.to_node_config()}
     if target_epsilon is not None:
         values["target-epsilon"] = float(target_epsilon)

@@ -162,7 +162,9 @@ class OwnerPolicy:
 
 def effective_config(cfg: FedConfig, node_config: Mapping[str, Any]) -> FedConfig:
     """The owner's own budget (`target-epsilon` in the node config) tightens the server's,
-    never loosens it."""
+    never loosens it; where the owner's agent trains (`device`) is the owner's choice alone."""
+    if "device" in node_config:
+        cfg = cfg.replace(device=str(node_config["device"]))
     if "target-epsilon" in node_config:
         cfg = cfg.replace(target_epsilon=min(cfg.target_epsilon, float(node_config["target-epsilon"])))
     return cfg

@@ -33,7 +33,7 @@ from shared.secagg.protocol import (
     MASKED_RECORD, ORDER, RECORD, STATE_RECORD, Key, Stage, ad_bytes, connected, get_record, harary_graph,
     nodes_digest, pack_blobs, pack_ids, resolve_k, ring_array, survivors_bytes, thresholds, unpack_blobs, unpack_ids,
 )
-from shared.secagg.quantize import RingFormat
+from shared.secagg.quantize import Pieces, RingFormat
 from shared.secagg.quantize import encode_clipped as encode
 
 __all__ = ["MASKED_RECORD", "SECAGG_ACTIVE", "SecAggClientError", "secagg_mod"]
@@ -262,20 +262,27 @@ def _receive_shares(cfg: ConfigRecord, node: int, state: dict) -> list[int]:
     return rejected
 
 
-def _flat_delta(global_arrays: ArrayRecord, local: ArrayRecord) -> np.ndarray:
-    """local - global as one float64 vector (one pass per tensor, no intermediate copies)."""
+def _delta_pieces(global_arrays: ArrayRecord, local: ArrayRecord):
+    """local - global as float64, one tensor at a time through one reused buffer (each piece
+    is consumed before the next is written), so encoding works on cache-sized pieces."""
     gs = [(key, array_view(garr)) for key, garr in global_arrays.items()]
-    out = np.empty(sum(g.size for _, g in gs), dtype=np.float64)
-    pos = 0
+    ls = []
     for key, g in gs:
         if key not in local:
             raise SecAggClientError(f"trained arrays lack {key!r}")
         l = array_view(local[key])
         if g.shape != l.shape:
             raise SecAggClientError(f"shape mismatch for {key!r}: {l.shape} vs {g.shape}")
-        np.subtract(l.reshape(-1), g.reshape(-1), out=out[pos: pos + g.size], dtype=np.float64)
-        pos += g.size
-    return out
+        ls.append(l)
+    buf = np.empty(max((g.size for _, g in gs), default=0), dtype=np.float64)
+
+    def pieces():
+        for (_, g), l in zip(gs, ls):
+            piece = buf[: g.size]
+            np.subtract(l.reshape(-1), g.reshape(-1), out=piece, dtype=np.float64)
+            yield piece
+
+    return pieces()
 
 
 def _ring_format(cfg: ConfigRecord, n: int) -> RingFormat:
@@ -313,9 +320,9 @@ def _collect(msg: Message, cfg: ConfigRecord, node: int, state: dict, context: C
     weight = int(metrics.get("num-examples", 1))  # under DP no count leaves the client: each owner weighs 1
     declined = bool(metrics.get("declined", 0)) or len(local) == 0 or weight <= 0
     n_params = sum(int(np.prod(a.shape)) for a in global_arrays.values())
-    delta = np.zeros(n_params) if declined else _flat_delta(global_arrays, local)
     # Honest clients never overflow: the update is clipped to the declared bound and the
     # weight capped, both of which the ring format leaves headroom for (n * W * C * scale).
+    delta = Pieces((), n_params) if declined else Pieces(_delta_pieces(global_arrays, local), n_params)
     vec = encode(delta, 0 if declined else min(weight, fmt.max_weight), fmt)
     pk_s_of = dict(zip(state["ids"], state["pk-s"]))
     nbrs = state["mask-nbrs"]

@@ -45,7 +45,8 @@ def _step(model: torch.nn.Module, batch, optimizer, task: Task) -> float | None:
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             optimizer.step()
         return None
-    inputs, attention_mask, labels = trim_batch(inputs, attention_mask, labels)
+    device = next(model.parameters()).device
+    inputs, attention_mask, labels = (t.to(device) for t in trim_batch(inputs, attention_mask, labels))
     loss = task.loss(model, inputs, attention_mask, labels)
     loss.backward()
     optimizer.step()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from fedlora.deploy_commands import add_deploy_commands
@@ -45,16 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
-    if not getattr(args, "verbose", False):  # quiet by default: --verbose shows the libraries' own chatter
-        import warnings
+    from shared.quiet import offline_and_quiet
 
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest) alpha.*")
+    args = build_parser().parse_args(argv)
+    offline_and_quiet(getattr(args, "verbose", False))
     try:
         return args.func(args)
     except FedLoraError as exc:

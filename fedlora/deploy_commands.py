@@ -15,8 +15,9 @@ from pathlib import Path
 
 import tomli_w
 
-from fedlora.flags import add_config_flags, config_from_args
+from fedlora.flags import FIELDS, add_config_flags, add_field_flag, config_from_args
 from shared.errors import FedLoraError
+from shared.tasks import TASKS
 
 APP_PACKAGES = ("fedlora", "server", "client", "shared", "simulations")
 
@@ -80,11 +81,13 @@ def _cmd_client(args: argparse.Namespace) -> int:
                      Path(args.node_key) if args.node_key else None, Path(args.data),
                      text_column=args.text_column, label_column=args.label_column,
                      profile_column=args.profile_column, offer_column=args.offer_column,
-                     target_epsilon=args.target_epsilon, ledger=Path(args.ledger) if args.ledger else None,
+                     prompt_column=args.prompt_column, response_column=args.response_column,
+                     task=args.task, model=args.model, target_epsilon=args.target_epsilon,
+                     ledger=Path(args.ledger) if args.ledger else None,
                      num_threads=args.num_threads, home=Path(args.home) if args.home else None,
                      insecure=args.insecure, validate=not args.no_validate, max_retries=args.max_retries,
                      policy=_policy_from_args(args), roster=Path(args.roster) if args.roster else None,
-                     secagg_min_fraction=args.secagg_min_fraction, isolation=args.isolation)
+                     secagg_min_fraction=args.secagg_min_fraction, isolation=args.isolation, device=args.device)
 
 
 # --- run -----------------------------------------------------------------------------
@@ -224,14 +227,21 @@ def add_deploy_commands(sub) -> None:
                      help="refuse to unmask unless at least this fraction of the round's clients survive "
                           "(raises the protocol threshold, never lowers it)")
     cli.add_argument("--data", required=True, help="CSV, TSV, JSONL or Parquet with this owner's examples (stays here)")
-    cli.add_argument("--text-column", default="text")
-    cli.add_argument("--label-column", default="label")
-    cli.add_argument("--profile-column", default="profile", help="click: the customer profile column")
-    cli.add_argument("--offer-column", default="offer", help="click: the offer column")
+    cli.add_argument("--task", default=None, choices=list(TASKS),
+                     help="the task the server runs, to check the file for it before joining (default: the one "
+                          "the file's columns fit)")
+    cli.add_argument("--model", default=None,
+                     help="the model the server trains: generate checks each prompt against its context "
+                          "(default: the task's model)")
+    for name in ("text_column", "label_column", "profile_column", "offer_column", "prompt_column", "response_column"):
+        add_field_flag(cli, name, default=FIELDS[name].default)
     cli.add_argument("--target-epsilon", type=float, default=None,
                      help="this owner's epsilon budget over all rounds; tightens the operator's, never loosens it")
     cli.add_argument("--ledger", default=None, help="epsilon ledger file (default ~/.fedlora/ledgers/ledger-<hash>.json)")
     cli.add_argument("--num-threads", type=int, default=1, help="torch threads for local training")
+    cli.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="where this owner trains: auto (a CUDA GPU when one is visible, else the CPU); "
+                          "the server's setting is ignored")
     cli.add_argument("--home", default=None, help="working folder for the SuperNode (default ~/.fedlora/agent/<hash>)")
     cli.add_argument("--max-retries", type=int, default=None, help="give up after this many reconnection attempts")
     cli.add_argument("--isolation", choices=("process", "subprocess"), default="process",

@@ -1,34 +1,45 @@
-"""FedConfig <-> command-line flags, shared by `simulate`, `run` and `predict`.
+"""FedConfig <-> command-line flags, shared by `simulate`, `run`, `predict`, `segment` and `client`.
 
 Flags map one-to-one onto `shared.config.FedConfig` fields and take their help from
 the fields' metadata, so this module needs neither `fedlora.cli` nor the deployment
-commands (which used to import each other for it).
+commands (which used to import each other for it), and each flag's text is written once.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import fields
 
 from shared.config import FedConfig, flag_help
 
 _SPECIAL = {"dp", "secure_agg", "partition_by", "partition", "num_clients"}
+FIELDS = {f.name: f for f in fields(FedConfig)}
+
+
+def add_field_flag(parser, name: str, flag: str | None = None, *, default=None,
+                   shown_default=dataclasses.MISSING, **kwargs) -> None:
+    """A flag (default `--<field-name>`) for the FedConfig field `name`, parsed into
+    `args.<name>` with the field's type and help. `default` is the value when the flag
+    is absent (None: the config's own); `shown_default` is the default the help names
+    where a command uses its own."""
+    f = FIELDS[name]
+    flag = flag or "--" + name.replace("_", "-")
+    text = flag_help(f, shown_default)
+    if isinstance(f.default, bool):
+        parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=text, **kwargs)
+    else:
+        parser.add_argument(flag, dest=name, type=type(f.default), default=default, help=text, **kwargs)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    by_name = {f.name: f for f in fields(FedConfig)}
     for f in fields(FedConfig):
         if f.name in _SPECIAL or f.name.startswith("segment_"):  # `fedlora segment` has its own flags
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=flag_help(f))
-        else:
-            parser.add_argument(flag, type=type(f.default), default=None, help=flag_help(f))
-    parser.add_argument("--num-clients", type=int, default=None, help="default: one per brand (synthetic) or 6")
-    parser.add_argument("--partition-by", default=None, help=flag_help(by_name["partition_by"]))
-    parser.add_argument("--partition", default=None, help=flag_help(by_name["partition"]))
+        add_field_flag(parser, f.name)
+    for name in ("num_clients", "partition_by", "partition"):  # after the rest, as before; None: decided below
+        add_field_flag(parser, name)
     parser.add_argument("--no-dp", dest="dp", action="store_false", default=True, help="turn DP off (baselines only)")
     parser.add_argument("--secure-agg", dest="secure_agg", action=argparse.BooleanOptionalAction, default=True,
                         help="secure aggregation of masked updates (default: on)")

@@ -44,7 +44,7 @@ def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_r
 
     secure = SecureAggregation(strategy, SecAggConfig(
         threshold=cfg.secagg_threshold or None, neighbours=cfg.secagg_neighbours or None, timeout=cfg.stage_timeout,
-        max_weight=cfg.secagg_max_weight,
+        max_weight=cfg.secagg_max_weight, equal_weights=cfg.dp,  # under DP every owner weighs 1: W = 1, a 32-bit ring
     ))
     new_arrays, result, _ = secure.train_round(grid, server_round, arrays, ConfigRecord(cfg.to_run_config()))
     metrics = [with_client_id(m, int(m.get("node-id", -1))) for m in result.metrics]

@@ -34,23 +34,23 @@ class FedConfig:
     max_length: int = field(default=0, metadata={"help": "tokens per text; 0: the 95th percentile of each owner's data, bucketed"})
     max_length_cap: int = field(default=256, metadata={"help": "longest length the data-driven choice may pick"})
     # data
-    data: str = field(default="", metadata={"help": "CSV, TSV, JSONL or Parquet of training data (default: synthetic marketing data for --task)"})
+    data: str = field(default="", metadata={"help": "CSV, TSV, JSONL or Parquet of the owners' rows (default: synthetic marketing data for the task)"})
     test_data: str = field(default="", metadata={"help": "held-out file for server evaluation (default: 20%% of --data)"})
-    text_column: str = field(default="text", metadata={"help": "classify: the column with the text (default: text)"})
+    text_column: str = field(default="text", metadata={"help": "classify and segment: the column with the text (default: text)"})
     label_column: str = field(default="label", metadata={"help": "the label column; click: 0/1 (default: label)"})
     profile_column: str = field(default="profile", metadata={"help": "click: the customer profile and history column (default: profile)"})
     offer_column: str = field(default="offer", metadata={"help": "click: the offer text column (default: offer)"})
     prompt_column: str = field(default="prompt", metadata={"help": "generate: the instruction / prompt column (default: prompt)"})
     response_column: str = field(default="response", metadata={"help": "generate: the response (copy) column the model learns to write (default: response)"})
-    partition_by: str = field(default="brand", metadata={"help": "natural partitioning: one client per value of this column"})
+    partition_by: str = field(default="brand", metadata={"help": "natural partitioning: one client per value of this column (default: brand on the synthetic data, an iid split over --num-clients with --data)"})
     partition: str = field(default="iid", metadata={"help": "iid or dirichlet:ALPHA (used when --partition-by is not set)"})
     labels: str = field(default="", metadata={"help": "JSON list fixing the global label set (default: from the training data)"})
     min_client_examples: int = field(default=20, metadata={"help": "simulation: leave out owners with fewer rows (default: 20)"})
     brands: int = field(default=6, metadata={"help": "synthetic data: number of brands (data owners)"})
-    examples_per_brand: int = 800  # synthetic data only
+    examples_per_brand: int = field(default=800, metadata={"help": "synthetic data: rows per brand"})
     test_size: int = 800  # synthetic data only
     # federation
-    num_clients: int = 6
+    num_clients: int = field(default=6, metadata={"help": "clients (data owners) of an iid split, when no column partitions the data (default: one per brand on the synthetic data, else 6)"})
     fraction: float = 1.0
     rounds: int = 8
     local_epochs: int = 1
@@ -61,7 +61,7 @@ class FedConfig:
     head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
     release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "public seed: synthetic data, iid split, initial weights and directions (never the DP noise)"})
     # privacy
     dp: bool = True
     target_epsilon: float = field(default=8.0, metadata={"help": "each client's epsilon budget over the whole run"})
@@ -76,17 +76,18 @@ class FedConfig:
     secagg_max_weight: int = 16384  # cap on one client's weight (examples) in the masked sum; 1: equal weights
     # outputs and resources
     local_baseline: bool = field(default=False, metadata={"help": "simulation: also train each owner alone at the same budget and compare"})
-    output: str = field(default="runs/latest", metadata={"help": "folder for summary.json, metrics.csv, checkpoints and the plot"})
+    output: str = field(default="runs/latest", metadata={"help": "folder for summary.json and the other outputs (a run's metrics.csv, checkpoints and plot; segment's centroids.npy and owners/<name>/segments.*)"})
     resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
-    client_cpus: float = 1.0
-    client_gpus: float = 0.0
+    device: str = field(default="auto", metadata={"help": "where models train and evaluate: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda"})
+    client_cpus: float = field(default=1.0, metadata={"help": "simulation: CPUs per virtual client"})
+    client_gpus: float = field(default=0.0, metadata={"help": "simulation: GPU share of each Ray worker (0: chosen from the model's size and the GPU's free memory when --device puts training on a GPU)"})
     workers: int = field(default=0, metadata={"help": "simulation: Ray workers on this machine, each holding one model and serving virtual clients one after another (0: as many as --client-cpus fits in the CPUs)"})
     ray_address: str = field(default="", metadata={"help": "simulation: attach to a running Ray cluster (host:port of `ray start --head`, or 'auto'); empty: a private Ray instance on this machine"})
     # customer segments (`fedlora segment`): federated k-means on sentence embeddings
-    segment_k: int = 8
-    segment_rounds: int = 5  # Lloyd rounds after the federated-mean initialisation
-    segment_epsilon: float = 2.0  # each owner's budget over all of a segmentation's releases
-    segment_checkpoint: str = ""  # a run's output or round folder: embed with its adapted encoder; empty: base model
+    segment_k: int = field(default=8, metadata={"help": "number of segments"})
+    segment_rounds: int = field(default=5, metadata={"help": "Lloyd rounds after the federated-mean initialisation"})
+    segment_epsilon: float = field(default=2.0, metadata={"help": "each owner's epsilon over the whole segmentation (all its releases)"})
+    segment_checkpoint: str = field(default="", metadata={"help": "embed with a federated checkpoint's encoder, a run or round-NNN folder (default: the base model)"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -138,6 +139,10 @@ class FedConfig:
             raise FedLoraError("--batch-size must be at least 1")
         if self.secagg_max_weight < 1 or self.secagg_timeout < 0:
             raise FedLoraError("--secagg-max-weight must be at least 1 and --secagg-timeout 0 (automatic) or positive")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise FedLoraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0 <= self.client_gpus <= 1:
+            raise FedLoraError(f"--client-gpus must be in [0, 1] (a share of one GPU), got {self.client_gpus}")
         if self.workers < 0 or not self.client_cpus > 0:
             raise FedLoraError("--workers must be 0 (automatic) or positive and --client-cpus positive")
         if self.workers and self.ray_address:
@@ -186,12 +191,14 @@ class FedConfig:
 # being retuned (issue 9); `flag_help` reads a field's own metadata first.
 
 
-def flag_help(f: dataclasses.Field) -> str:
-    """The CLI help of a FedConfig field (argparse %-formatting: a literal percent is %%)."""
+def flag_help(f: dataclasses.Field, default: Any = dataclasses.MISSING) -> str:
+    """The CLI help of a FedConfig field (argparse %-formatting: a literal percent is %%);
+    `default` is shown instead of the field's where a command has its own."""
+    shown = f.default if default is dataclasses.MISSING else default
     text = f.metadata.get("help")
     if not text:
-        return f"default: {f.default}"
-    return text if "default" in text else f"{text} (default: {f.default})"
+        return f"default: {shown}"
+    return text if "default" in text else f"{text} (default: {shown})"
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -87,12 +87,13 @@ def _features(model: nn.Module, dataset: TensorDataset, start: int, batch_size: 
     hidden = torch.zeros(*input_ids.shape, inner.config.hidden_size)
     order = torch.argsort(attention_mask.sum(1))  # similar lengths together: less padding to compute
     layers = bert.encoder.layer
+    device = next(model.parameters()).device
     try:
         bert.encoder.layer = nn.ModuleList(layers[:start])
         for chunk in order.split(batch_size):
             ids, mask = trim_padding(input_ids[chunk], attention_mask[chunk])
-            out = bert(input_ids=ids, attention_mask=mask).last_hidden_state
-            hidden[chunk, : ids.shape[1]] = out
+            out = bert(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+            hidden[chunk, : ids.shape[1]] = out.cpu()  # the cache stays in host memory
     finally:
         bert.encoder.layer = layers
         model.train(was_training)

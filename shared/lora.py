@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from shared.config import FedConfig
+from shared.errors import FedLoraError
 from shared.models import load_base_model
 from shared.tasks import get_task
 
@@ -85,13 +86,28 @@ def model_key(cfg: FedConfig) -> str:
 
 
 def cached_model(cfg: FedConfig, num_labels: int) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """One base model per process, reused by every virtual client it serves.
+    """One base model per process, reused by every virtual client it serves, on `--device`.
 
     Safe because each round overwrites every trainable tensor from the global adapter
     before training; only the model-defining settings key the cache. The freshly
-    initialised adapter stays available as `model.fedlora_initial_state`.
+    initialised adapter stays available as `model.fedlora_initial_state`. The model
+    reaches its device here, before any Opacus wrapping: moving it after Opacus has
+    hooked it leaves the optimizer stepping stale tensors (opacus#820).
     """
-    return _cached((tuple((k, getattr(cfg, k)) for k in _MODEL_KEYS), num_labels))
+    model, tokenizer = _cached((tuple((k, getattr(cfg, k)) for k in _MODEL_KEYS), num_labels))
+    device = resolve_device(cfg.device)
+    if next(model.parameters()).device != device:
+        model.to(device)
+    return model, tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the GPU Ray or the user made visible to this process, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise FedLoraError("--device cuda: no CUDA GPU is visible to this process (torch.cuda.is_available() is False)")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def model_loads() -> int:

@@ -138,9 +138,10 @@ def embed(model, tokenizer, texts: list[str], max_length: int = 128, batch_size:
             idx = order[start: start + batch_size]
             enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                             return_tensors="pt")
-            hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+            device = next(model.parameters()).device
+            hidden = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                            output_hidden_states=True).hidden_states[-1]
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            mask = enc["attention_mask"].to(device).unsqueeze(-1).to(hidden.dtype)
             mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             vec = torch.nn.functional.normalize(mean.float(), dim=-1).cpu().numpy()
             if out is None:

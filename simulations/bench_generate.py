@@ -10,21 +10,20 @@ initial state (B = 0: exactly the base model). Writes `bench_generate.json` in t
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
 
 from shared.config import FedConfig, _coerce
+from shared.quiet import offline_and_quiet
 
 DEFAULTS = dict(task="generate", model="smollm2-135m", brands=3, num_clients=3, examples_per_brand=120, test_size=45,
                 rounds=2, batch_size=24, lr=0.02, lora_layers=4, target_epsilon=8.0, output="runs/bench-generate")
 
 
 def main(argv: list[str]) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    offline_and_quiet()
     kinds = {f.name: type(f.default) for f in fields(FedConfig)}
     values = dict(DEFAULTS)
     for arg in argv:

@@ -40,6 +40,7 @@ from shared.config import FedConfig
 from shared.data import choose_max_length, encode, load_federation
 from shared.evaluation import scores
 from shared.lora import cached_model
+from shared.quiet import offline_and_quiet
 from simulations.bench_accuracy import _config
 from simulations.real_data import DATASETS, RealData
 from simulations.run import simulate
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/bench-real")
     parser.add_argument("overrides", nargs="*", help="FedConfig key=value for every run")
     args = parser.parse_args()
+    offline_and_quiet()
     console = Console()
     base = _config(args.overrides)
     output = Path(args.output)

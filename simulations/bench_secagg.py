@@ -1,10 +1,12 @@
 """Benchmark: secure aggregation vs plain FedAvg vs flwr's SecAgg+, all measured in one run.
 
 Runs the real server workflow (``server.secure_aggregation``) against the real client mod
-(``client.secagg_mod``) through :class:`InProcessGrid`, a Grid whose ``send_and_receive``
+(``client.secagg_mod``) through :class:`server.inprocess_grid.InProcessGrid`, a Grid whose ``send_and_receive``
 hands each message to the destination node's mod with that node's own Context. The local
 "training" of the micro-benchmark is a stub that returns global + a fixed random delta, so its
-table isolates the aggregation cost: the ratio is the worst case. The second table runs real
+table isolates the aggregation cost: the ratio is the worst case. It is timed for each client
+weighting (``--weights``): equal weights, as under DP (the app's default; W = 1 fits a 32-bit
+ring up to 128 clients), and example counts (non-DP; a 64-bit ring). The second table runs real
 rounds: the app's own ClientApp ``train`` (tiny-bert, local data partitions) behind plain
 FedAvg, this protocol and flwr's SecAgg+ (flwr's ``secaggplus_mod`` + ``SecAggPlusWorkflow``);
 its tiny-bert adapter (578 values) and 32 examples per client make training as short as it
@@ -17,152 +19,22 @@ the same run, in wall time and in this process's CPU time (see :class:`Cost`).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import os
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from client.secagg_mod import secagg_mod
+from server.inprocess_grid import InProcessGrid, TrainFn, make_train, train_messages
 from server.secure_aggregation import SecAggConfig, secure_aggregate
-from shared.secagg.protocol import resolve_k
 from shared.secagg import masks
-from shared.secagg.identity import make_simulation_keys
-from shared.secagg.protocol import RECORD, get_record
-
-
-def ensure_task_identity() -> None:
-    """Message() needs the ServerApp's identity; outside a real run we play the SuperLink (node 1)."""
-    for attr, val in (("run_id", 1), ("node_id", 1), ("task_id", 1)):
-        try:
-            getattr(TaskIdentity, attr)
-        except RuntimeError:
-            setattr(TaskIdentity, attr, val)
-
-
-TrainFn = Callable[[Message, Context], Message]
-
-
-_KEYS: dict[tuple[int, ...], tuple[Path, Path]] = {}
-
-
-def _owner_keys(nodes: tuple[int, ...]) -> tuple[Path, Path]:
-    """(key folder, roster) for these nodes, made once per process: owners' signing keys are
-    long-lived, so every round after the first finds them in the identity cache, as in a run."""
-    if nodes not in _KEYS:
-        key_dir = Path(tempfile.mkdtemp(prefix="fedlora-secagg-keys-"))
-        _KEYS[nodes] = key_dir, make_simulation_keys(key_dir, [f"node-{nid}" for nid in nodes])
-    return _KEYS[nodes]
-
-
-class InProcessGrid(Grid):
-    """Delivers each message to its node's ``mod(msg, context, train)`` and returns the replies.
-
-    ``drop(stage, node) -> bool`` makes a node silently miss a stage; ``on_deliver`` and
-    ``on_reply`` can rewrite messages in flight (tamper/replay/impersonation tests);
-    ``replies`` records everything the server received.
-    """
-
-    def __init__(self, trains: dict[int, TrainFn], mod=secagg_mod):
-        ensure_task_identity()
-        self.trains = trains
-        self.mod = mod
-        self.key_dir, roster = _owner_keys(tuple(trains))
-        self.contexts = {nid: Context(1, nid, {"secagg-key": str(self.key_dir / f"node-{nid}"),
-                                               "secagg-roster": str(roster)}, RecordDict(), {}) for nid in trains}
-        self.roster_dir = roster
-        self.drop: Callable[[str | None, int], bool] = lambda stage, nid: False
-        self.dead: set[int] = set()
-        """Nodes the SuperLink reports unavailable (an error reply from the SuperLink, node 1)."""
-        self.on_deliver: Callable[[Message], Message] = lambda m: m
-        self.on_reply: Callable[[Message], Message] = lambda m: m
-        self.replies: list[Message] = []
-        self.client_seconds = 0.0
-
-    def set_run(self, run) -> None:  # noqa: D102
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        raise NotImplementedError
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # noqa: D102
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return list(self.trains)
-
-    def push_messages(self, messages):  # noqa: D102
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # noqa: D102
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        out = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            nid = msg.metadata.dst_node_id
-            rec = get_record(msg.content, RECORD, ConfigRecord) if msg.has_content() else None
-            stage = rec.get("stage") if rec is not None else None
-            if nid in self.dead:
-                err = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="node unavailable"), reply_to=msg)
-                err.metadata.__dict__["_src_node_id"] = 1
-                out.append(err)
-                continue
-            if nid not in self.trains or self.drop(stage, nid):
-                continue
-            # A private copy, as after real serialisation: flwr's mod mutates records in place.
-            delivered = self.on_deliver(Message(content=copy.deepcopy(msg.content), metadata=msg.metadata))
-            t0 = time.perf_counter()
-            try:
-                reply = self.mod(delivered, self.contexts[nid], self.trains[nid])
-            except Exception as exc:  # Flower turns a ClientApp exception into an error reply
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
-            self.client_seconds += time.perf_counter() - t0
-            reply.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            reply = self.on_reply(reply)
-            self.replies.append(reply)
-            out.append(reply)
-        return out
-
-
-def make_train(delta: dict[str, np.ndarray] | None, num_examples: int, *, declined: bool = False) -> TrainFn:
-    """A ClientApp train stub replying with global + ``delta`` and the contract's metrics."""
-
-    def train(msg: Message, context: Context) -> Message:
-        metrics = {"num-examples": 0 if declined else num_examples, "epsilon": 1.0, "delta": 1e-5,
-                   "declined": int(declined), "train-loss": 0.5, "partition-id": context.node_id,
-                   "update-bound": float("inf")}
-        if declined:
-            arrays = ArrayRecord()
-        else:
-            g = msg.content.array_records["arrays"]
-            arrays = ArrayRecord({k: Array((a.numpy() + delta[k]).astype(np.float32)) for k, a in g.items()})
-        return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
-
-    return train
-
-
-def train_messages(nodes: list[int], global_arrays: ArrayRecord, server_round: int = 1) -> list[Message]:
-    ensure_task_identity()
-    return [
-        Message(RecordDict({"arrays": global_arrays, "config": ConfigRecord({"server-round": server_round})}),
-                dst_node_id=nid, message_type=MessageType.TRAIN, group_id=str(server_round))
-        for nid in nodes
-    ]
+from shared.secagg.protocol import resolve_k
 
 
 def plain_fedavg(grid: Grid, global_arrays: ArrayRecord, msgs: list[Message]) -> ArrayRecord:
@@ -217,15 +89,21 @@ def clock():
     out.append(Cost(time.perf_counter() - w0, time.process_time() - c0))
 
 
-def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator) -> tuple[Cost, float]:
+WEIGHTS = {"equal": "each client weighs 1, as under DP (the app's default): W = 1, a 32-bit ring up to 128 "
+                    "clients", "examples": "example counts as weights (non-DP runs): W = 16384, a 64-bit ring"}
+
+
+def _round(n: int, n_params: int, secure: bool, rng: np.random.Generator,
+           weights: str = "examples") -> tuple[Cost, float]:
     g = adapter(n_params, rng)
     deltas = {k: (rng.standard_normal(a.shape) * 1e-3).astype(np.float32) for k, a in g.items()}
     nodes = list(range(100, 100 + n))
-    grid = InProcessGrid({nid: make_train(deltas, 100 + nid) for nid in nodes})
+    equal = weights == "equal"
+    grid = InProcessGrid({nid: make_train(deltas, 1 if equal else 100 + nid) for nid in nodes})
     msgs = train_messages(nodes, g)
     with clock() as cost:
         if secure:
-            res = secure_aggregate(grid, g, msgs, SecAggConfig())
+            res = secure_aggregate(grid, g, msgs, SecAggConfig(equal_weights=equal))
             assert res.error is None, res.error
         else:
             plain_fedavg(grid, g, msgs)
@@ -338,7 +216,7 @@ def real_round(n: int, variant: str, examples: int, dp: bool = False) -> Cost:
                     message_type=MessageType.TRAIN, group_id="1") for nid in nodes]
     with clock() as cost:
         if variant == "ours":
-            res = secure_aggregate(grid, g, msgs, SecAggConfig())
+            res = secure_aggregate(grid, g, msgs, SecAggConfig(equal_weights=dp))  # as the app: DP -> W = 1
             assert res.error is None and not res.dropped, (res.error, res.dropped)
         else:
             replies = [r for r in grid.send_and_receive(msgs) if not r.has_error()]
@@ -444,29 +322,37 @@ def main() -> None:
     ap.add_argument("--real-clients", type=int, nargs="*", default=[10, 50, 100],
                     help="client counts for the real-training rounds (none: skip them)")
     ap.add_argument("--real-examples", type=int, default=32, help="examples per client in the real rounds")
+    ap.add_argument("--weights", nargs="+", choices=sorted(WEIGHTS), default=["equal", "examples"],
+                    help="client weighting(s) in the micro-benchmark, each a row (equal: as under DP)")
     ap.add_argument("--micro-reps", type=int, default=3, help="micro-benchmark repetitions (best of)")
     ap.add_argument("--real-reps", type=int, default=3, help="real-round repetitions (best of)")
     ap.add_argument("--real-dp", action="store_true", help="DP-SGD in the real rounds (slow noise calibration)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
-    print(f"{'clients':>7} {'params':>9} {'k':>3} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'cpu':>6} "
+    for w in args.weights:
+        print(f"weights {w}: {WEIGHTS[w]}")
+    print(f"{'clients':>7} {'params':>9} {'k':>3} {'weights':>8} {'plain s':>8} {'ours s':>8} {'ratio':>6} {'cpu':>6} "
           f"{'flwr s':>8} {'ratio':>6} {'cpu':>6} {'ours client s/node':>18} {'ours server s':>13} "
           f"{'ours masks s':>12} {'flwr masks s':>12}")
     for n, p in rows:
-        plain = sec = flwr_full = WORST
+        plain, flwr_full = WORST, WORST
+        sec = dict.fromkeys(args.weights, WORST)
+        client = dict.fromkeys(args.weights, 0.0)
         for _ in range(args.micro_reps):  # interleaved, so load from other processes hits all alike
             plain = plain.best(_round(n, p, False, rng)[0])
-            t, c = _round(n, p, True, rng)
-            if t.wall < sec.wall:
-                client = c
-            sec = sec.best(t)
+            for w in args.weights:
+                t, c = _round(n, p, True, rng, w)
+                if t.wall < sec[w].wall:
+                    client[w] = c
+                sec[w] = sec[w].best(t)
             flwr_full = SKIPPED if args.skip_flwr else flwr_full.best(flwr_secaggplus_round(n, p, rng))
         ours_m = ours_mask_cost(n, p)
         flwr_m = flwr_mask_cost(n, p)
-        print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {plain.wall:>8.3f} {_ratios(sec, plain)} "
-              f"{_ratios(flwr_full, plain)} {client / n:>18.4f} {sec.wall - client:>13.3f} "
-              f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
+        for w in args.weights:
+            print(f"{n:>7} {p:>9} {resolve_k(n, None):>3} {w:>8} {plain.wall:>8.3f} {_ratios(sec[w], plain)} "
+                  f"{_ratios(flwr_full, plain)} {client[w] / n:>18.4f} {sec[w].wall - client[w]:>13.3f} "
+                  f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
     ours, theirs = mask_throughput(args.params)
     print(f"\nmask generation throughput ({args.params} uint64 elements): ours AES-256-CTR {ours:,.0f} MB/s, "
           f"flwr pseudo_rand_gen {theirs:,.0f} MB/s ({ours / theirs:.1f}x)")

@@ -63,14 +63,25 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
 
 
 def print_owner_table(owners: dict[str, dict], console: Console | None = None, task: Task | None = None) -> None:
-    """Per owner: the federated model against the owner's local-only model (the task's headline score)."""
-    metric = (task or get_task("classify")).headline
-    table = Table(title=f"federated vs local-only, per owner ({metric} on the owner's test rows)")
+    """Per owner: the federated model against the owner's local-only model (the task's
+    headline score). The gain is positive when joining helped (`Task.gain`: for
+    perplexity, lower is better), in points for scores in [0, 1], else in the score's units."""
+    task = task or get_task("classify")
+    metric = task.headline
+    direction = "higher" if task.higher_is_better else "lower"
+    table = Table(title=f"federated vs local-only, per owner ({metric} on the owner's test rows; {direction} is better)")
     for header in ("owner", "rows", "local", "federated", "gain"):
         table.add_column(header, justify="right")
     for name, entry in owners.items():
         local, fed = entry.get("local"), entry.get("federated")
         cells = [f"{x[metric]:.3f}" if x else "-" for x in (local, fed)]
-        gain = f"{100 * (fed[metric] - local[metric]):+.1f} pt" if local and fed else "-"
-        table.add_row(name[:20], str(entry.get("rows", "")), *cells, gain)
+        table.add_row(name[:20], str(entry.get("rows", "")), *cells, format_gain(task, local, fed))
     (console or Console()).print(table)
+
+
+def format_gain(task: Task, local: dict | None, federated: dict | None) -> str:
+    """The gain cell: `task.gain` of the headline, "-" when either score is missing."""
+    if not local or not federated:
+        return "-"
+    gain = task.gain(local[task.headline], federated[task.headline])
+    return f"{100 * gain:+.1f} pt" if task.headline in task.plot else f"{gain:+.3f}"

@@ -6,8 +6,9 @@ import logging
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
+
+import numpy as np
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -16,9 +17,10 @@ from rich.console import Console
 from client.client_app import app as default_client_app
 from shared.config import FedConfig
 from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
-from client.privacy import plan_privacy
+from client.privacy import PrivacyPlan, plan_privacy
 from shared.data import choose_max_length, client_partition, load_federation, partitioning
 from shared.errors import FedLoraError
+from shared.quiet import offline_and_quiet
 from shared.lora import cached_model
 
 
@@ -33,17 +35,25 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
     for note in parts.notes:
         console.print(f"[yellow]note:[/] {note}")
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    lengths = [choose_max_length(client_partition(cfg, pid), tokenizer, cfg, model) for pid in range(len(parts.kept))]
+    owners = length_sample(parts.sizes, cfg.seed)
+    lengths = [choose_max_length(client_partition(cfg, pid), tokenizer, cfg, model) for pid in owners]
     how = "--max-length" if cfg.max_length else f"95th percentile of each owner's token counts, cap {cfg.max_length_cap}"
+    if len(owners) < len(parts.kept):
+        how += f"; {len(owners)} owners sampled, each client measures its own"
     console.print(f"{len(parts.kept)} owners, {min(parts.sizes)} to {max(parts.sizes)} rows; "
                   f"max length {min(lengths)}-{max(lengths)} tokens ({how})")
     if cfg.dp:
         refused, small = [], []
+        plans: dict[int, PrivacyPlan | FedLoraError] = {}  # the plan depends on the size alone
         for name, size in zip(parts.names, parts.sizes):
-            try:
-                plan = plan_privacy(cfg, size)
-            except FedLoraError as exc:
-                refused.append((name, str(exc)))
+            if size not in plans:
+                try:
+                    plans[size] = plan_privacy(cfg, size)
+                except FedLoraError as exc:
+                    plans[size] = exc
+            plan = plans[size]
+            if isinstance(plan, FedLoraError):
+                refused.append((name, str(plan)))
                 continue
             if plan.batch_size < cfg.batch_size:
                 small.append(f"{name} ({size} rows: batch {plan.batch_size})")
@@ -55,6 +65,20 @@ def preflight(cfg: FedConfig, console: Console | None = None) -> int:
         if len(refused) == len(parts.names):
             raise FedLoraError(f"no owner can train under DP: {refused[0][1]}")
     return len(parts.kept)
+
+
+LENGTH_SAMPLE = 64
+
+
+def length_sample(sizes: list[int], seed: int) -> list[int]:
+    """The owners whose token lengths the preflight reports: all of them up to LENGTH_SAMPLE,
+    else the smallest, the largest and a seeded random rest (tokenizing 10,000 owners one by
+    one took two minutes; each client measures its own data anyway)."""
+    if len(sizes) <= LENGTH_SAMPLE:
+        return list(range(len(sizes)))
+    ends = {int(np.argmin(sizes)), int(np.argmax(sizes))}
+    rest = np.random.default_rng(seed).choice(len(sizes), LENGTH_SAMPLE, replace=False).tolist()
+    return sorted(ends | set(rest[: LENGTH_SAMPLE - len(ends)]))
 
 
 SIMULATION_STAGE_TIMEOUT = 24 * 3600.0
@@ -99,9 +123,38 @@ def ray_backend_config(cfg: FedConfig, verbose: bool = False) -> dict:
         if cfg.workers:
             init_args["num_cpus"] = cfg.workers * cfg.client_cpus
     return {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": cfg.client_gpus},
+        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": gpu_share(cfg)},
         "init_args": init_args,
     }
+
+
+CUDA_CONTEXT_BYTES = 600 * 2**20
+"""What a process pays on a GPU before its first tensor (CUDA context, kernels, allocator)."""
+
+
+def workers_per_gpu(model_bytes: int, free_bytes: int, cpu_slots: int) -> int:
+    """How many workers share one GPU: as many as its free memory holds (each a CUDA context,
+    the frozen model, and three times the model again for activations, per-sample gradients
+    and the optimizer's state, a margin that covers MiniLM to SmolLM2 at the default batch),
+    and no more than the CPUs can feed, at least one."""
+    fit = int(0.9 * free_bytes // (CUDA_CONTEXT_BYTES + 4 * model_bytes))
+    return max(1, min(fit, cpu_slots))
+
+
+def gpu_share(cfg: FedConfig) -> float:
+    """Each Ray worker's share of a GPU: --client-gpus, or, when the models train on a GPU,
+    one over `workers_per_gpu` of this machine's first GPU; 0 on the CPU."""
+    import torch
+
+    from shared.lora import resolve_device
+
+    if cfg.client_gpus or resolve_device(cfg.device).type != "cuda":
+        return cfg.client_gpus
+    model = cached_model(cfg, len(load_federation(cfg).labels))[0]  # preflight's model, cached
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info()
+    slots = int((cfg.workers or os.cpu_count() or 1) // cfg.client_cpus)
+    return 1.0 / workers_per_gpu(model_bytes, free, slots)
 
 
 FORWARDED_ENV_PREFIXES = ("FEDLORA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_", "MALLOC_")
@@ -145,11 +198,14 @@ def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = Fals
             raise
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray starts its workers at nice 15: on a shared machine any other job then takes the CPU
+    # from the clients' training while the server (this process, nice 0) waits for it.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
-        warnings.filterwarnings("ignore", category=FutureWarning)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    offline_and_quiet(verbose)
     backend_config = ray_backend_config(cfg, verbose)
     # One signing key per virtual client; their public keys are the registered roster. The
     # folder is named in the environment (Ray workers inherit it) for this run only. On a
@@ -197,13 +253,15 @@ def add_local_baselines(report, cfg: FedConfig, console: Console) -> None:
 
     console.rule("local-only baselines")
     final = {k: report.rounds[-1].get(k) for k in report.task.metrics} if report.rounds else None
+    task, metric = report.task, report.task.headline
     for name, entry in local_only(cfg, console).items():
         owner = report.owners.setdefault(name, {})
         owner.update(entry)
         owner.setdefault("federated", final)  # test rows not split by owner: the whole test set
+        if owner.get("local") and owner.get("federated"):  # > 0: joining helped, whichever way the metric points
+            owner["gain"] = task.gain(owner["local"][metric], owner["federated"][metric])
     report.write()
-    print_owner_table(report.owners, console, report.task)
-    metric = report.task.headline
+    print_owner_table(report.owners, console, task)
     pairs = [(e["local"][metric], e["federated"][metric]) for e in report.owners.values() if e.get("local") and e.get("federated")]
     if pairs:
         console.print(f"mean over {len(pairs)} owners of {metric} on their own test rows: local-only "

@@ -46,6 +46,7 @@ def test_click_run_reports_the_task_metrics(run):
     assert len(summary["owners"]) == 3
     for owner in summary["owners"].values():
         assert "roc_auc" in owner["local"] and "roc_auc" in owner["federated"] and owner["epsilon"] <= 8.0
+        assert owner["gain"] == pytest.approx(owner["federated"]["roc_auc"] - owner["local"]["roc_auc"])
 
 
 def test_predict_reproduces_the_server_evaluation(run, tmp_path, capsys):

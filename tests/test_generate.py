@@ -116,6 +116,60 @@ def test_generate_takes_its_default_model_from_the_task():
     assert parse().model == "minilm"
 
 
+def test_owner_gain_is_positive_when_the_federated_perplexity_is_lower():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from simulations.local_only import print_owner_table
+
+    owners = {"helped": {"rows": 10, "local": {"perplexity": 40.0}, "federated": {"perplexity": 30.0}},
+              "hurt": {"rows": 10, "local": {"perplexity": 20.0}, "federated": {"perplexity": 25.0}},
+              "declined": {"rows": 3, "local": None, "federated": {"perplexity": 25.0}}}
+    generate = get_task("generate")
+    assert not generate.higher_is_better and generate.gain(40.0, 30.0) == 10.0 and generate.gain(20.0, 25.0) == -5.0
+    out = StringIO()
+    print_owner_table(owners, Console(file=out, width=200), generate)
+    rows = {line.split()[1]: line.split()[-2] for line in out.getvalue().splitlines() if line.split()[1:2] in
+            (["helped"], ["hurt"], ["declined"])}
+    assert rows == {"helped": "+10.000", "hurt": "-5.000", "declined": "-"}
+    assert "lower is better" in out.getvalue()
+    # a score in [0, 1] where higher is better: the gain in points, federated minus local
+    out = StringIO()
+    owners = {"a": {"rows": 10, "local": {"macro_f1": 0.6}, "federated": {"macro_f1": 0.75}}}
+    print_owner_table(owners, Console(file=out, width=200), get_task("classify"))
+    assert "+15.0 pt" in out.getvalue() and "higher is better" in out.getvalue()
+
+
+def test_client_agent_accepts_a_generate_file(tmp_path):
+    from client.agent import validate_data
+
+    train = synthetic_copy(2, 10, 4, seed=0)[0]
+    train.to_csv(tmp_path / "copy.csv", index=False)
+    assert validate_data(tmp_path / "copy.csv", model="tiny-llama") == 20  # the task from its columns
+    train.rename(columns={"prompt": "brief", "response": "copy"}).to_csv(tmp_path / "renamed.csv", index=False)
+    assert validate_data(tmp_path / "renamed.csv", prompt_column="brief", response_column="copy", task="generate",
+                         model="tiny-llama") == 20
+
+
+@pytest.mark.parametrize("rows, flags, message", [
+    ({"prompt": ["hi"], "copy": ["ok"]}, [], "column 'response' not in"),
+    ({"brief": ["hi"], "response": ["ok"]}, ["--task", "generate"], "column 'prompt' not in"),
+    ({"brief": ["hi"], "copy": ["ok"]}, [], "fits no task: it needs a 'text' column (classify)"),
+    ({"prompt": ["a", "b"], "response": ["ok", " "]}, [], "column 'response' has 1 empty responses (first at row 1)"),
+    ({"prompt": ["hi", "word " * 400], "response": ["ok", "ok"]}, ["--task", "generate"],
+     "1 prompts in {f} are longer than the model's context (256 tokens), e.g. row 1"),
+], ids=["no response column", "no prompt column", "no task fits", "empty response", "prompt longer than the context"])
+def test_client_agent_refuses_a_bad_generate_file_in_one_line(rows, flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("client.agent.start_foreground", lambda *a: pytest.fail("the agent joined with a bad file"))
+    path = tmp_path / "copy.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    argv = ["client", "--superlink", "127.0.0.1:9092", "--insecure", "--data", str(path), "--model", "tiny-llama", *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.format(f=path) in err, err
+
+
 FLAGS = ["--task", "generate", "--model", "tiny-llama", "--brands", "2", "--examples-per-brand", "48",
          "--test-size", "16", "--rounds", "2", "--batch-size", "16", "--lr", "0.01"]
 

@@ -13,7 +13,7 @@ from shared.data import SYNTHETIC_LABELS, client_partition
 from shared.errors import FedLoraError
 from shared.lora import build_model, trainable_state
 from shared.params import to_record
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 
 ALLOWED = {"declined", "declined-code", "epsilon", "delta", "bytes-uploaded"}
 

@@ -13,9 +13,9 @@ from client.privacy import ALPHAS, PrivacyLedger, plan_privacy
 from client.trainer import train_local
 from shared.data import SYNTHETIC_LABELS, client_partition, encode
 from shared.errors import FedLoraError
-from shared.lora import build_model, trainable_state
+from shared.lora import resolve_device, build_model, trainable_state
 from shared.params import to_record
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 
 
 def _dataset(cfg, pid=0):
@@ -85,9 +85,14 @@ def test_client_app_composes_across_rounds_and_declines_when_budget_is_spent(tin
     assert json.loads(ledger_file.read_text())["rounds_trained"] == [1, 2]  # declining spends nothing
 
 
-def test_dp_step_changes_adapter_weights_and_leaves_no_hooks(tiny_cfg):
-    """opacus#820 (optimizer steps stale tensors) and opacus#608 (hooks stack per round)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_dp_step_changes_adapter_weights_and_leaves_no_hooks(tiny_cfg, device):
+    """opacus#820 (optimizer steps stale tensors when the model moves device after Opacus
+    hooks it) and opacus#608 (hooks stack per round), on each device the run can use."""
+    tiny_cfg = tiny_cfg.replace(device=device)
     model, ds = _dataset(tiny_cfg)
+    model.to(resolve_device(device))  # where cached_model puts it, before Opacus wraps it
     plan = plan_privacy(tiny_cfg, len(ds))
     ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

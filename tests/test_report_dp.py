@@ -4,7 +4,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from client.policy import DeclineCode
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 from server.report import RunReport
 from server.strategy import weighted_contents
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords

@@ -25,7 +25,7 @@ from client import client_app as fedlora_client
 from client.secagg_mod import secagg_mod
 from shared.config import FedConfig
 from shared.secagg.protocol import STATE_RECORD
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 
 PROBE_ENV = "FEDLORA_TEST_PROBE"
 # An owner's own secure-aggregation secrets in its state record. ("share-keys" are not in the
@@ -307,3 +307,26 @@ def test_one_and_four_workers_give_the_same_adapter(data, tmp_path, monkeypatch,
         workers_seen.append(len({json.loads(f.read_text())["pid"] for f in probe.glob("train-*.json")}))
     assert workers_seen[0] == 1 and workers_seen[1] > 1
     _assert_same(finals[0], finals[1])
+
+
+@pytest.mark.parametrize("rows_per_brand,clients", [(10, 7), (17, 10), (50, 60)])
+def test_iid_sizes_by_arithmetic_match_the_partitions_flower_cuts(rows_per_brand, clients):
+    """Thousands of owners: sizes come from arithmetic, and must equal what each cut holds."""
+    from shared.data import _partitioner, client_partition, load_federation, partitioning
+
+    cfg = FedConfig(num_clients=clients, partition_by="", partition="iid", examples_per_brand=rows_per_brand,
+                    min_client_examples=0)
+    parts = partitioning(cfg)
+    assert sum(parts.sizes) == len(load_federation(cfg).train)
+    assert parts.sizes == [len(client_partition(cfg, pid)) for pid in range(len(parts.kept))]
+    assert type(parts.partitioner) is type(_partitioner(cfg))
+
+
+def test_preflight_samples_lengths_only_for_many_owners():
+    from simulations.run import LENGTH_SAMPLE, length_sample
+
+    assert length_sample([5, 9, 7], seed=0) == [0, 1, 2]
+    sizes = list(range(100, 100 + 5 * LENGTH_SAMPLE))
+    picked = length_sample(sizes, seed=0)
+    assert len(picked) <= LENGTH_SAMPLE and 0 in picked and len(sizes) - 1 in picked
+    assert picked == length_sample(sizes, seed=0)

@@ -198,15 +198,36 @@ def test_honest_encoding_clips_and_n_worst_case_clients_never_overflow():
         assert total == w and wsum[0] == pytest.approx(w * clip, rel=1e-6) and wsum[2] == 0
 
 
-def test_add_masks_threaded_equals_one_at_a_time():
-    acc = np.arange(70_001, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+def test_encoding_refuses_a_format_without_headroom_instead_of_wrapping():
+    from shared.secagg.quantize import RingFormat, encode_clipped
+
+    for bits in (32, 20):
+        fmt = RingFormat(bits=bits, scale=2.0 ** (bits - 1), max_weight=1, clip=1.0)  # 1.0 * scale is the sign bit
+        with pytest.raises(ValueError):
+            encode_clipped(np.array([1.0, -1.0]), 1, fmt)
+        with pytest.raises(ValueError):
+            encode(np.array([1.0, -1.0]), 1, fmt)
+    fmt = RingFormat(bits=20, scale=2.0 ** 17, max_weight=1, clip=1.0)  # 2^(bits-3): fits, reduced mod 2^20
+    assert list(encode(np.array([1.0, -1.0]), 1, fmt)) == [1 << 17, (1 << 20) - (1 << 17), 1]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("bits,length", [(64, 70_001), (32, 140_003), (20, 70_001)])
+def test_add_masks_by_range_equals_whole_masks(monkeypatch, workers, bits, length):
+    """Serial or cut into per-thread ranges (CTR counter started at each range's block), the
+    sum equals adding each whole mask; odd lengths cover a short last range."""
+    monkeypatch.setattr(masks, "_WORKERS", workers)
+    monkeypatch.setattr(masks, "_pool", None)
+    dt = masks.ring_dtype(bits)
+    acc = masks.reduce(np.arange(length, dtype=np.uint64).astype(dt) * dt.type(0x9E3779B9), bits)
     seeds = [(os.urandom(32), 1 if i % 3 else -1) for i in range(9)]
-    expected = acc.copy()
+    expected = acc.astype(object)
     for seed, sign in seeds:
-        masks.add_mask(expected, seed, 64, sign)
-    for _ in range(2):  # the second call reuses the thread's buffers
+        expected = expected + sign * masks.mask(seed, length, bits).astype(object)
+    expected = np.array([int(x) % (1 << bits) for x in expected], dtype=dt)
+    for _ in range(2):  # the second call reuses the threads' buffers
         got = acc.copy()
-        masks.add_masks(got, seeds, 64)
+        masks.add_masks(got, seeds, bits)
         assert np.array_equal(got, expected)
 
 

@@ -1,7 +1,8 @@
 """End-to-end protocol tests: the real server workflow against the real client mod.
 
-:class:`InProcessGrid` hands every message to the destination node's ``secagg_mod`` with that
-node's own Context; the only stand-in is local training, which returns global + a given delta.
+:class:`server.inprocess_grid.InProcessGrid` hands every message to the destination node's
+``secagg_mod`` with that node's own Context; the only stand-in is local training, which
+returns global + a given delta (``tests/helpers.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 import client.secagg_mod as mod
 import server.secure_aggregation as sa
@@ -21,54 +22,13 @@ from shared.secagg.protocol import resolve_k
 sa.resolve_k = resolve_k
 from server.secure_aggregation import SecAggConfig, secure_aggregate
 from shared.secagg.protocol import (
-    RECORD, RING_STYPE, STATE_RECORD, Key, Stage, connected, harary_graph, pack_blobs, pack_ids, thresholds, unpack_blobs,
+    RECORD, RING_STYPE, Key, Stage, connected, harary_graph, pack_blobs, pack_ids, ring_array, thresholds,
+    unpack_blobs,
     unpack_ids,
 )
-from simulations.bench_secagg import InProcessGrid, make_train, train_messages
+from helpers import assert_matches, expected_fedavg, setup_round
+from server.inprocess_grid import train_messages
 from test_secagg_primitives import chi2_uniform_pvalue
-
-
-def setup_round(n, n_params=2_000, seed=0, declined=(), big=None, base_id=1000):
-    rng = np.random.default_rng(seed)
-    shapes = {"q.lora_B": (n_params // 4 // 8, 8), "v.lora_B": (n_params - n_params // 4 // 8 * 8,)}
-    g = ArrayRecord({k: Array((rng.standard_normal(s) * 0.05).astype(np.float32)) for k, s in shapes.items()})
-    nodes = [base_id + 7 * i for i in range(n)]
-    deltas, weights = {}, {}
-    for i, nid in enumerate(nodes):
-        deltas[nid] = {k: (rng.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
-        if nid == big:
-            deltas[nid]["v.lora_B"][0] = 1e4
-        weights[nid] = int(rng.integers(1, 5000))
-    trains = {nid: make_train(deltas[nid], weights[nid], declined=nid in declined) for nid in nodes}
-    return g, nodes, deltas, weights, InProcessGrid(trains)
-
-
-def expected_fedavg(g, nodes, deltas, weights, declined=()):
-    total = sum(weights[n] for n in nodes if n not in declined)
-    out = {}
-    for k, a in g.items():
-        ga = a.numpy().astype(np.float64)
-        if total == 0:
-            out[k] = ga
-            continue
-        acc = np.zeros_like(ga)
-        for n in nodes:
-            if n in declined:
-                continue
-            local = (a.numpy() + deltas[n][k]).astype(np.float32).astype(np.float64)
-            acc += weights[n] * (local - ga)
-        out[k] = ga + acc / total
-    return out
-
-
-def assert_matches(res, expected):
-    assert res.error is None, res.error
-    assert res.quantization_error < 1e-6
-    for k, exp in expected.items():
-        got = res.arrays[k].numpy()
-        assert got.dtype == np.float32 and got.shape == exp.shape
-        tol = res.quantization_error + np.spacing(np.abs(exp).astype(np.float32)).astype(np.float64)
-        assert np.all(np.abs(got.astype(np.float64) - exp) <= tol), np.max(np.abs(got - exp))
 
 
 @pytest.mark.parametrize("n", [3, 10, 50])
@@ -309,6 +269,56 @@ def test_update_outside_declared_bound_is_clipped_and_an_out_of_range_sum_voids_
         return v
     monkeypatch.setattr(mod, "encode", enc)
     res = secure_aggregate(grid, g, train_messages(nodes, g, 2), SecAggConfig(update_bound=1.0))
+    assert res.arrays is None and "out of range" in res.error
+
+
+@pytest.mark.parametrize("n", [2, 10, 50, 100, 128])
+def test_equal_weights_pick_a_32_bit_ring_where_n_maximal_clients_cannot_wrap(n):
+    """Under DP every owner weighs 1 (W = 1): up to 128 clients fit a 32-bit ring with 24 bits of
+    resolution, and the sum of n honest clients at the clip bound decodes exactly, no wrap."""
+    from shared.secagg.quantize import choose_format, decode_sum, encode_clipped, to_signed
+
+    fmt = choose_format(n, max_weight=1)  # what SecAggConfig(equal_weights=True) asks for
+    assert fmt.bits == 32 and fmt.dtype == np.uint32
+    worst = encode_clipped(np.array([np.inf, -np.inf, 1e30, -1e30, np.nan, fmt.clip]), 5, fmt)
+    lim = int(to_signed(worst, 32)[0])
+    assert lim == fmt.clip * fmt.scale and list(to_signed(worst, 32)) == [lim, -lim, lim, -lim, 0, lim, 1]
+    assert n * lim <= 1 << 30  # a spare bit below the sign bit of the 32-bit ring
+    acc = np.zeros_like(worst)
+    for _ in range(n):
+        acc += worst  # uint32 arithmetic: wraps mod 2^32 exactly as the ring does
+    wsum, total = decode_sum(acc, fmt, n)
+    assert total == n
+    assert list(wsum) == [n * fmt.clip, -n * fmt.clip, n * fmt.clip, -n * fmt.clip, 0.0, n * fmt.clip]
+    assert choose_format(n + 129, max_weight=1).bits == 64  # beyond 128 clients: the 64-bit ring
+
+
+def _add_to_masked(grid, node, index, value):
+    """``node`` adds ``value`` to element ``index`` of its masked vector (past any clipping):
+    masks cancel in the sum, so the unmasked sum carries it."""
+    def reply(msg):
+        if msg.metadata.src_node_id == node and msg.has_content() and mod.MASKED_RECORD in msg.content:
+            arr = msg.content[mod.MASKED_RECORD]["masked"]
+            vec = np.frombuffer(arr.data, dtype=arr.dtype).copy()
+            vec[index] = (int(vec[index]) + value) % (1 << 8 * vec.itemsize)
+            msg.content[mod.MASKED_RECORD] = ArrayRecord({"masked": ring_array(vec)})
+        return msg
+    grid.on_reply = reply
+
+
+@pytest.mark.parametrize("index,value", [(0, 1 << 30), (5, -(1 << 30)), (-1, 1)])
+def test_equal_weights_round_is_exact_and_an_out_of_range_sum_voids_it(index, value):
+    """32-bit ring under equal weights: honest rounds equal unweighted FedAvg; a client pushing a
+    coordinate out of range (+-2^30) or claiming weight 2 in the weight slot voids the round."""
+    g, nodes, deltas, weights, grid = setup_round(6, seed=31)
+    res = secure_aggregate(grid, g, train_messages(nodes, g), SecAggConfig(equal_weights=True))
+    assert res.error is None and res.total_weight == 6
+    assert res.quantization_error <= 1e-6
+    assert_matches(res, expected_fedavg(g, nodes, deltas, dict.fromkeys(nodes, 1)))
+    assert all(np.frombuffer(r.content[mod.MASKED_RECORD]["masked"].data, dtype="<u4").size == 2_001
+               for r in grid.replies if r.has_content() and mod.MASKED_RECORD in r.content)
+    _add_to_masked(grid, nodes[3], index, value)
+    res = secure_aggregate(grid, g, train_messages(nodes, g, 2), SecAggConfig(equal_weights=True))
     assert res.arrays is None and "out of range" in res.error
 
 

@@ -1,7 +1,7 @@
 """Secure aggregation against a malicious server and misbehaving clients (issue #11).
 
 Each test names the audit finding it covers. The server here is the real workflow; the
-attacks rewrite its messages in flight through :class:`InProcessGrid` hooks.
+attacks rewrite its messages in flight through :class:`server.inprocess_grid.InProcessGrid` hooks.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from shared.secagg.protocol import (
     MASKED_RECORD, RECORD, STATE_RECORD, Key, Stage, pack_blobs, pack_ids, resolve_k, ring_array, thresholds,
     unpack_blobs, unpack_ids,
 )
-from simulations.bench_secagg import train_messages
-from test_secagg_protocol import assert_matches, expected_fedavg, setup_round
+from helpers import assert_matches, expected_fedavg, setup_round
+from server.inprocess_grid import train_messages
 
 
 def with_roster(grid, **kw) -> SecAggConfig:

@@ -13,7 +13,7 @@ from client.policy import DeclineCode
 from client.privacy import ALPHAS, PrivacyLedger
 from fedlora.cli import main
 from server.segment import _messages
-from simulations.bench_secagg import ensure_task_identity
+from server.inprocess_grid import ensure_task_identity
 from shared.segment import (
     COUNT_WEIGHT, SENSITIVITY, cluster_stats, describe_segments, noise_schedule, simulation_owners, update_centroids,
 )
@@ -189,6 +189,24 @@ def test_segment_bad_input_gives_one_line_exit_2_and_keeps_the_ledgers(case, seg
     lines = [line for line in err.strip().splitlines() if line.startswith("fedlora: error")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
     assert ledger.read_text() == '{"kept": true}'
+
+
+def test_segment_flags_are_the_config_fields_with_their_help():
+    from dataclasses import fields
+
+    from fedlora.cli import build_parser
+    from shared.config import FedConfig, flag_help
+
+    parser = build_parser()
+    seg = parser._subparsers._group_actions[0].choices["segment"]
+    actions = {a.dest: a for a in seg._actions}
+    field = {f.name: f for f in fields(FedConfig)}
+    for dest, flag in (("segment_k", "--k"), ("segment_epsilon", "--target-epsilon"), ("data", "--data"),
+                       ("text_column", "--text-column"), ("seed", "--seed"), ("num_clients", "--num-clients")):
+        assert actions[dest].option_strings == [flag] and actions[dest].help == flag_help(field[dest])
+    assert actions["output"].help.endswith("(default: runs/segments)")
+    args = parser.parse_args(["segment", "--k", "3", "--target-epsilon", "1.5", "--client-cpus", "0.5"])
+    assert (args.segment_k, args.segment_epsilon, args.client_cpus, args.output, args.dp) == (3, 1.5, 0.5, None, True)
 
 
 @pytest.mark.slow

@@ -104,5 +104,5 @@ def test_client_agent_accepts_a_click_file_and_refuses_one_that_fits_no_task(tmp
     assert validate_data(tmp_path / "clicks.csv", "text", "label") == 60
     train.rename(columns={"offer": "promo"}).to_csv(tmp_path / "renamed.csv", index=False)
     assert validate_data(tmp_path / "renamed.csv", "text", "label", offer_column="promo") == 60
-    with pytest.raises(FedLoraError, match="neither a 'text' column .classify. nor 'profile' and 'offer'"):
+    with pytest.raises(FedLoraError, match="fits no task: it needs a 'text' column .classify., 'profile' and 'offer'"):
         validate_data(tmp_path / "renamed.csv", "text", "label")

@@ -75,17 +75,20 @@ def _scratch(nbytes: int) -> np.ndarray:
 
 def add_mask(acc: np.ndarray, seed: bytes, bits: int, sign: int = 1) -> None:
     """acc += sign * mask(seed) in the ring, in place."""
-    m = _scratch(acc.nbytes).view(acc.dtype)
-    keystream_into(seed, memoryview(m).cast("B"))
-    reduce(m, bits)
-    if sign >= 0:
-        np.add(acc, m, out=acc)
-    else:
-        np.subtract(acc, m, out=acc)
-    reduce(acc, bits)
+    add_masks(acc, [(seed, sign)], bits)
 
 
-_WORKERS = min(4, os.cpu_count() or 1)
+def _spare_cores() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores - 1
+
+
+_WORKERS = max(1, min(4, _spare_cores()))
+"""Threads expanding masks: up to 4, leaving one core to the rest of the process (on a
+2-core machine, mask threads only contend with the thread that adds: measured slower)."""
 _pool = None
 _pool_lock = threading.Lock()
 
@@ -95,37 +98,39 @@ def _executor():
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="secagg-mask")
+            _pool = ThreadPoolExecutor(max_workers=_WORKERS - 1, thread_name_prefix="secagg-mask")
         return _pool
 
 
-def _buffers(count: int, like: np.ndarray) -> list[np.ndarray]:
-    """Per-thread reusable mask buffers: a fresh multi-MB array per mask page-faults on every use."""
-    bufs = getattr(_local, "bufs", None)
-    if bufs is None or len(bufs) < count or bufs[0].nbytes < like.nbytes:
-        bufs = _local.bufs = [np.empty(like.nbytes, dtype=np.uint8) for _ in range(count)]
-    return [b[: like.nbytes].view(like.dtype) for b in bufs[:count]]
+def _add_range(acc: np.ndarray, seeds: list[tuple[bytes, int]], lo: int, hi: int) -> None:
+    """acc[lo:hi] += sum(sign * mask(seed)[lo:hi]): the CTR counter starts at the range's
+    first block (``lo * itemsize`` is a multiple of 16), so ranges are independent."""
+    part = acc[lo:hi]
+    m = _scratch(part.nbytes).view(acc.dtype)
+    out = memoryview(m).cast("B")
+    zeros = _zero_input(part.nbytes)
+    counter = (lo * acc.itemsize // 16).to_bytes(16, "big")
+    for seed, sign in seeds:
+        Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor().update_into(zeros, out)
+        (np.add if sign >= 0 else np.subtract)(part, m, out=part)
 
 
 def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
-    """acc += sum(sign * mask(seed)) in place. Large vectors: the keystreams are expanded on a
-    thread pool (the cipher runs outside the GIL) while this thread adds them, in order, a
-    batch of two per worker at a time; a client's k + 1 masks are enough to gain from it."""
-    if len(seeds) < 3 or _WORKERS < 2 or acc.nbytes < (1 << 18):  # small batches: threads cost more
-        for seed, sign in seeds:
-            add_mask(acc, seed, bits, sign)
-        return
-
-    def expand(job: tuple[bytes, np.ndarray]) -> np.ndarray:
-        seed, m = job
-        keystream_into(seed, memoryview(m).cast("B"))
-        return m
-
-    pool = _executor()
-    bufs = _buffers(min(len(seeds), 2 * _WORKERS), acc)
-    for start in range(0, len(seeds), len(bufs)):
-        chunk = seeds[start: start + len(bufs)]
-        for (_, sign), m in zip(chunk, pool.map(expand, [(seed, b) for (seed, _), b in zip(chunk, bufs)])):
-            reduce(m, bits)
-            (np.add if sign >= 0 else np.subtract)(acc, m, out=acc)
+    """acc += sum(sign * mask(seed)) in place. The native word wraps mod 2^32 / 2^64, and
+    reducing mod 2^bits commutes with addition, so one reduction at the end suffices. Large
+    jobs with cores to spare: the vector is cut into one contiguous range per thread, each
+    expanding every mask's keystream for its range only (the cipher runs outside the GIL)."""
+    if any(len(seed) != 32 for seed, _ in seeds):
+        raise ValueError("mask seed must be 32 bytes")
+    n = acc.size
+    if _WORKERS < 2 or len(seeds) < 3 or acc.nbytes < (1 << 18):  # small jobs: threads cost more
+        _add_range(acc, seeds, 0, n)
+    else:
+        step = (-(-n // _WORKERS) + 63) // 64 * 64  # ceil(n / workers), in whole 64-element blocks
+        bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+        pool = _executor()
+        jobs = [pool.submit(_add_range, acc, seeds, lo, hi) for lo, hi in bounds[1:]]
+        _add_range(acc, seeds, *bounds[0])
+        for job in jobs:
+            job.result()
     reduce(acc, bits)

@@ -122,13 +122,14 @@ def unpack_blobs(blob, max_count: int = MAX_NODES, max_len: int = 4096) -> list[
     """Inverse of :func:`pack_blobs`; ValueError on anything else (truncated, too many, too long)."""
     if not isinstance(blob, bytes):
         raise ValueError("malformed byte-string list")
-    out, pos = [], 0
-    while pos < len(blob):
-        if len(out) >= max_count or pos + 2 > len(blob):
+    out: list[bytes] = []
+    pos, end = 0, len(blob)
+    while pos < end:
+        if len(out) >= max_count or pos + 2 > end:
             raise ValueError("malformed byte-string list")
-        (size,) = struct.unpack_from("<H", blob, pos)
+        size = blob[pos] | blob[pos + 1] << 8  # the 2-byte little-endian length
         pos += 2
-        if size > max_len or pos + size > len(blob):
+        if size > max_len or pos + size > end:
             raise ValueError("malformed byte-string list")
         out.append(blob[pos: pos + size])
         pos += size

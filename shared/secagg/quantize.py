@@ -15,6 +15,7 @@ weight ``S`` every coordinate of the mean delta is within ``n / (2 * scale * S)`
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,36 +97,64 @@ def encode(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
         raise QuantizationOverflow(f"|delta|_inf = {amax:.6g} exceeds the declared bound {fmt.clip:.6g}")
     vals = np.multiply(flat, weight * fmt.scale, dtype=np.float64)
     np.rint(vals, out=vals)
-    if fmt.bits == 64:
-        out[:-1] = vals.astype(np.int64).view(np.uint64)
-    else:
-        out[:-1] = (vals.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
-    return out
+    np.copyto(out[:-1].view(_signed_word(fmt, weight * fmt.scale * fmt.clip)), vals, casting="unsafe")
+    return reduce(out, fmt.bits)
 
 
-def encode_clipped(delta: np.ndarray, weight: int, fmt: RingFormat) -> np.ndarray:
+def _signed_word(fmt: RingFormat, lim: float) -> type:
+    """The signed integer of the ring's word width. Values within +-lim <= 2^(bits-2) (the
+    format's headroom) cast to it exactly, and their two's-complement bits are the ring
+    elements; a format without that headroom is refused rather than wrapped."""
+    word = np.int64 if fmt.dtype.itemsize == 8 else np.int32
+    if lim >= 2.0 ** (min(fmt.bits, 8 * fmt.dtype.itemsize) - 1):
+        raise ValueError(f"ring format leaves no headroom: values up to {lim:.6g} in a {fmt.bits}-bit ring")
+    return word
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """An update given as float64 pieces (consumed in order, modified in place) that
+    concatenate to ``size`` values: a client encodes tensor by tensor through one
+    cache-sized buffer instead of building the whole float64 delta first."""
+
+    parts: Iterable[np.ndarray]
+    size: int
+
+
+def encode_clipped(delta: np.ndarray | Pieces, weight: int, fmt: RingFormat) -> np.ndarray:
     """Like :func:`encode`, but the update is clipped to the declared bound (NaN -> 0) and the
     weight capped at ``max_weight``, so an honest client's vector is always in range and n of
     them never overflow the ring. Consumes ``delta`` (float64, modified in place)."""
     weight = max(0, min(int(weight), fmt.max_weight))
-    flat = delta.reshape(-1)
-    out = np.empty(flat.size + 1, dtype=fmt.dtype)
+    if isinstance(delta, Pieces):
+        pieces, size = delta.parts, int(delta.size)
+    else:
+        pieces, size = [delta], delta.size
+    out = np.empty(size + 1, dtype=fmt.dtype)
     out[-1] = weight
-    if weight == 0 or flat.size == 0:
+    if weight == 0 or size == 0:
         out[:-1] = 0
         return out
     f = weight * fmt.scale
     lim = math.floor(f * fmt.clip)
-    np.multiply(flat, f, out=flat)
-    if not math.isfinite(float(flat.sum())):
-        np.nan_to_num(flat, copy=False, nan=0.0, posinf=lim, neginf=-lim)
-    np.clip(flat, -lim, lim, out=flat)
-    np.rint(flat, out=flat)
-    if fmt.bits == 64:
-        np.copyto(out[:-1].view(np.int64), flat, casting="unsafe")
-    else:
-        out[:-1] = (flat.astype(np.int64) & ((1 << fmt.bits) - 1)).astype(fmt.dtype)
-    return out
+    signed = out[:-1].view(_signed_word(fmt, lim))
+    pos = 0
+    for flat in pieces:
+        flat = flat.reshape(-1)
+        if pos + flat.size > size:
+            raise ValueError(f"update has more than the declared {size} values")
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are expected here: cleaned below
+            np.multiply(flat, f, out=flat)
+            finite = math.isfinite(float(flat.sum()))
+        if not finite:
+            np.nan_to_num(flat, copy=False, nan=0.0, posinf=lim, neginf=-lim)
+        np.clip(flat, -lim, lim, out=flat)
+        np.rint(flat, out=flat)
+        np.copyto(signed[pos: pos + flat.size], flat, casting="unsafe")
+        pos += flat.size
+    if pos != size:
+        raise ValueError(f"update has {pos} values, declared {size}")
+    return reduce(out, fmt.bits)
 
 
 def to_signed(vec: np.ndarray, bits: int) -> np.ndarray:

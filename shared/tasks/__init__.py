@@ -46,11 +46,18 @@ class Task:
     evaluate: Callable[..., dict] | None = None  # (model, dataset, batch_size, groups) -> metrics
     after_run: Callable[..., Any] | None = None  # (model, tokenizer, test frame, output folder) after the last round
     loss_fn: Callable[..., Any] | None = None  # (model, input_ids, attention_mask, labels) -> loss; None: the head's
+    higher_is_better: bool = True  # the headline's direction (perplexity: lower is better)
 
     def model_class(self) -> Any:
         import transformers
 
         return getattr(transformers, self.head)
+
+    def gain(self, local: float, federated: float) -> float:
+        """How much better the federated model's headline score is than the owner's
+        local-only one, in the headline's units: > 0 when joining helped, whichever way
+        the metric points."""
+        return federated - local if self.higher_is_better else local - federated
 
     def loss(self, model, input_ids, attention_mask, labels):
         """The head's own loss (cross-entropy over its logits; for two classes, log-loss),

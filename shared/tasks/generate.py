@@ -208,6 +208,7 @@ TASK = Task(
     predictions=lambda *args, **kwargs: {},
     metrics=("perplexity", "loss", "response_tokens"),
     headline="perplexity",
+    higher_is_better=False,
     table={"perplexity": "perplexity", "loss": "NLL"},
     labels=(),
     default_model="smollm2-135m",

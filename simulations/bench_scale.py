@@ -1,0 +1,182 @@
+"""Scale: does a simulation train at the speed of its training loop, and does memory stay flat
+as the number of virtual clients grows (issue 13)?
+
+    python -m simulations.bench_scale [--clients 10 1000 10000] [--per-round 10] [--rounds 3]
+                                      [--default] [key=value ...]
+
+One invocation measures, on this machine and in this order:
+
+- `bare`: the training loop alone, in this process on one core: `train_local` (DP-SGD
+  through Opacus, the same model, adapter, length and expected batch as the clients) on
+  enough rows that its one-off set-up is amortised; examples per second. This is the
+  baseline every ratio uses.
+- `default` (with --default): the default 6-owner synthetic simulation.
+- `clients=N`: N virtual clients of `--examples` rows each (synthetic, iid), `--per-round`
+  of them sampled each round (at least 1%), DP and secure aggregation on.
+
+For each simulation: examples trained per second over its rounds (from each round's wall
+time in metrics.csv and the examples the sampled clients' ledgers recorded), its
+efficiency = that rate / (bare rate x workers), and the peak resident memory of the whole
+process tree (driver and Ray workers), also as a ratio to the smallest N's peak.
+Results go to `--output`/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from shared.config import FedConfig
+from shared.quiet import offline_and_quiet
+
+
+class TreePeak(threading.Thread):
+    """Peak summed RSS of this process and all its descendants (Ray's workers among them)."""
+
+    def __init__(self, every: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.every, self.peak, self.stopped = every, 0, False
+
+    def run(self) -> None:
+        me = psutil.Process()
+        while not self.stopped:
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(self.every)
+
+
+def _config(overrides: list[str], **values) -> FedConfig:
+    from shared.config import _coerce
+
+    kinds = {f.name: type(f.default) for f in dataclasses.fields(FedConfig)}
+    for arg in overrides:
+        key, value = arg.split("=", 1)
+        key = key.replace("-", "_")
+        values[key] = _coerce(key, value, kinds[key])
+    return FedConfig(**values)
+
+
+def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200) -> float:
+    """Examples per second of `train_local` on one core at the batch a `client_rows` owner uses."""
+    import torch
+
+    from client.privacy import PrivacyLedger, plan_privacy
+    from client.trainer import train_local
+    from shared.data import choose_max_length, client_partition, encode, load_federation
+    from shared.lora import cached_model
+
+    torch.set_num_threads(1)
+    fed = load_federation(cfg)
+    model, tokenizer = cached_model(cfg, len(fed.labels))
+    frame = fed.train.sample(n=min(rows, len(fed.train)), random_state=0)
+    length = choose_max_length(client_partition(cfg, 0), tokenizer, cfg, model)
+    dataset = encode(frame, fed.labels, tokenizer, length, task=cfg.task, model=model)
+    batch = plan_privacy(cfg, client_rows).batch_size
+    plan = dataclasses.replace(plan_privacy(cfg, len(dataset)), batch_size=batch)
+    ledger = PrivacyLedger(cfg.delta, float("inf"))
+    train_local(model, dataset, cfg, ledger, plan, server_round=cfg.head_rounds + 1)  # warm: caches, allocator
+    start = time.perf_counter()
+    train_local(model, dataset, cfg, ledger, plan, server_round=cfg.head_rounds + 1)
+    return cfg.local_epochs * len(dataset) / (time.perf_counter() - start)
+
+
+def trained_examples(output: Path, cfg: FedConfig) -> int:
+    """Examples the clients' DP-SGD steps processed, in expectation: steps x sampling rate x
+    rows, summed over every client's recorded rounds (each ledger keeps its own history)."""
+    from shared.data import partitioning
+
+    sizes = partitioning(cfg).sizes
+    total = 0.0
+    for path in (output / "ledgers").glob("partition-*.json"):
+        pid = int(path.stem.split("-")[1])
+        history = json.loads(path.read_text())["history"]
+        total += sum(steps * rate for _, rate, steps in history) * sizes[pid]
+    return int(round(total))
+
+
+def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> dict:
+    import csv
+
+    from simulations.run import simulate
+
+    peak = TreePeak()
+    peak.start()
+    start = time.perf_counter()
+    simulate(cfg, console=Console(quiet=True))
+    wall = time.perf_counter() - start
+    peak.stopped = True
+    peak.join()
+    output = Path(cfg.output)
+    with open(output / "metrics.csv") as fh:
+        rounds = list(csv.DictReader(fh))
+    seconds = sum(float(r["seconds"]) for r in rounds)
+    examples = trained_examples(output, cfg)
+    workers = cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    rate = examples / seconds
+    row = {"run": name, "clients": cfg.num_clients, "per_round": max(1, int(cfg.num_clients * cfg.fraction)),
+           "rounds": len(rounds), "examples": examples, "round_seconds": round(seconds, 1), "wall": round(wall, 1),
+           "examples_per_s": round(rate, 1), "efficiency": round(rate / (bare * workers), 3),
+           "peak_rss_mb": round(peak.peak / 2**20), "accuracy": float(rounds[-1].get("accuracy") or "nan")}
+    console.print(row)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="*", default=[10, 1000, 10000])
+    parser.add_argument("--examples", type=int, default=50, help="rows per virtual client")
+    parser.add_argument("--per-round", type=int, default=10, help="clients sampled per round (at least 1%%)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--default", action="store_true", help="also the default 6-owner simulation")
+    parser.add_argument("--output", default="runs/bench-scale")
+    parser.add_argument("overrides", nargs="*", help="FedConfig key=value for every run")
+    args = parser.parse_args()
+    offline_and_quiet()
+    console = Console()
+    out = Path(args.output)
+    results: dict = {"load_before": os.getloadavg(), "runs": []}
+
+    base = _config(args.overrides, rounds=args.rounds)
+    default_cfg = base.replace(output=str(out / "default"))
+    results["bare_default"] = bare_default = bare_rate(default_cfg, default_cfg.examples_per_brand)
+    results["bare_small"] = bare_small = bare_rate(default_cfg, args.examples)
+    console.print(f"bare loop, one core: {bare_default:.1f} examples/s at the default owners' batch, "
+                  f"{bare_small:.1f} at a {args.examples}-row owner's")
+    if args.default:
+        results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
+    for n in args.clients:
+        per_round = max(args.per_round, math.ceil(n / 100))
+        rows = n * args.examples
+        cfg = base.replace(num_clients=n, partition_by="", partition="iid", fraction=per_round / n,
+                           brands=6, examples_per_brand=math.ceil(rows / 6), output=str(out / f"clients-{n}"))
+        results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
+    smallest = next((r for r in results["runs"] if r["run"].startswith("clients=")), None)
+    table = Table(title=f"scale vs this run's bare loop (load {results['load_before'][0]:.1f})")
+    for column in ("run", "per round", "examples/s", "efficiency", "peak MB", "x first", "accuracy"):
+        table.add_column(column, justify="right")
+    for r in results["runs"]:
+        ratio = r["peak_rss_mb"] / smallest["peak_rss_mb"] if smallest and r["run"] != "default" else float("nan")
+        table.add_row(r["run"], str(r["per_round"]), f"{r['examples_per_s']:.1f}", f"{r['efficiency']:.2f}",
+                      str(r["peak_rss_mb"]), f"{ratio:.2f}", f"{r['accuracy']:.3f}")
+    console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

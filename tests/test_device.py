@@ -1,0 +1,54 @@
+"""--device: one training path on CPU and GPU; the GPU share of each simulation worker."""
+import pytest
+import torch
+
+from shared.config import FedConfig
+from shared.errors import FedLoraError
+from shared.lora import cached_model, resolve_device
+from simulations.run import CUDA_CONTEXT_BYTES, gpu_share, workers_per_gpu
+
+
+def test_device_names_are_checked():
+    with pytest.raises(FedLoraError, match="--device must be auto, cpu or cuda"):
+        FedConfig(device="gpu0")
+    with pytest.raises(FedLoraError, match="--client-gpus"):
+        FedConfig(client_gpus=2.0)
+
+
+def test_auto_is_the_cpu_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(FedLoraError, match="no CUDA GPU is visible"):
+        resolve_device("cuda")
+    assert gpu_share(FedConfig(device="auto")) == 0.0  # Ray gives CPU workers no GPU share
+    assert gpu_share(FedConfig(device="cpu", client_gpus=0.25)) == 0.25  # an explicit share is kept
+
+
+def test_workers_per_gpu_follow_free_memory_and_cpus():
+    mib = 2**20
+    model = 90 * mib  # MiniLM in float32
+    per_worker = CUDA_CONTEXT_BYTES + 4 * model
+    assert workers_per_gpu(model, 80_000 * mib, cpu_slots=16) == 16  # an H100 is CPU-bound here
+    assert workers_per_gpu(model, 80_000 * mib, cpu_slots=1000) == int(0.9 * 80_000 * mib // per_worker)
+    assert workers_per_gpu(540 * mib, 4_000 * mib, cpu_slots=16) == 1  # SmolLM2 on a small card
+    assert workers_per_gpu(540 * mib, 100 * mib, cpu_slots=16) == 1  # never zero: the run says so when it fails
+
+
+def test_cached_model_lives_on_the_chosen_device(tiny_cfg):
+    model, _ = cached_model(tiny_cfg.replace(device="cpu"), 2)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_model_moves_to_the_gpu(tiny_cfg):
+    model, _ = cached_model(tiny_cfg.replace(device="cuda"), 2)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+def test_the_owner_not_the_server_chooses_where_its_agent_trains():
+    from client.policy import effective_config
+
+    server_asks = FedConfig(device="cuda")
+    assert effective_config(server_asks, {"device": "cpu", "data-path": "x.csv"}).device == "cpu"
+    assert effective_config(server_asks, {"partition-id": 0}).device == "cuda"  # simulation: the run's setting
