@@ -150,7 +150,8 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     OwnerPolicy.for_node(context.node_config, request).check(request, _secagg_info(context))  # before the ledger
     cfg = _node_cfg(msg, context)
 
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", 1))))
+    # a deployed agent sets its own threads; a simulation worker uses the CPUs Ray reserved for it
+    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", cfg.client_cpus))))
     try:
         frame, source = client_frame(cfg, context.node_config)
         loads = model_loads()

@@ -79,7 +79,7 @@ class FedConfig:
     output: str = field(default="runs/latest", metadata={"help": "folder for summary.json and the other outputs (a run's metrics.csv, checkpoints and plot; segment's centroids.npy and owners/<name>/segments.*)"})
     resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
     device: str = field(default="auto", metadata={"help": "where models train and evaluate: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda"})
-    client_cpus: float = field(default=1.0, metadata={"help": "simulation: CPUs per virtual client"})
+    client_cpus: float = field(default=1.0, metadata={"help": "simulation: CPUs (and torch threads) of each Ray worker"})
     client_gpus: float = field(default=0.0, metadata={"help": "simulation: GPU share of each Ray worker (0: chosen from the model's size and the GPU's free memory when --device puts training on a GPU)"})
     workers: int = field(default=0, metadata={"help": "simulation: Ray workers on this machine, each holding one model and serving virtual clients one after another (0: as many as --client-cpus fits in the CPUs)"})
     ray_address: str = field(default="", metadata={"help": "simulation: attach to a running Ray cluster (host:port of `ray start --head`, or 'auto'); empty: a private Ray instance on this machine"})

@@ -172,8 +172,7 @@ def main() -> None:
     console = Console()
     base = _config(args.overrides)
     output = Path(args.output)
-    variants = [v for v in ["central", *args.variants] if v in args.variants or v == "central"]
-    variants = list(dict.fromkeys(variants))
+    variants = list(dict.fromkeys(args.variants))  # `central` is the reference: leave it out only to split a run
     all_results = {}
     for name in args.datasets:
         data = subsample(DATASETS[name](), args.max_train_rows, args.max_test_rows)
@@ -183,12 +182,13 @@ def main() -> None:
     for column in ("data", "variant", "acc", "macro-F1", "vs central", "eps", "sec", "time x"):
         table.add_column(column, justify="right")
     for dataset, results in all_results.items():
-        ref = results["central"]
+        ref = results.get("central")
         for name, r in results.items():
             eps = f"{r['epsilon_max']:.2f}" if r["epsilon_max"] is not None else "off"
+            versus = (f"{100 * (r['macro_f1'] - ref['macro_f1']):+.1f}", f"{r['seconds'] / ref['seconds']:.2f}") \
+                if ref else ("-", "-")
             table.add_row(dataset[:10], name, f"{r['accuracy']:.3f}", f"{r['macro_f1']:.3f}",
-                          f"{100 * (r['macro_f1'] - ref['macro_f1']):+.1f}", eps, f"{r['seconds']:.0f}",
-                          f"{r['seconds'] / ref['seconds']:.2f}")
+                          versus[0], eps, f"{r['seconds']:.0f}", versus[1])
     console.print(table)
     from simulations.local_only import print_owner_table
 

@@ -115,3 +115,20 @@ def test_policy_defaults_and_bad_values():
     with pytest.raises(FedLoraError, match="not a valid"):
         OwnerPolicy.from_node_config({"policy-max-rounds": "many"})
     assert SecAggInfo(2, 3).threshold == 2
+
+
+@pytest.mark.parametrize("node_threads, client_cpus, expected", [(None, 2.0, 2), (1, 2.0, 1), (None, 0.5, 1)])
+def test_training_threads_come_from_the_owner_or_the_workers_reservation(tiny_cfg, owner, node_threads, client_cpus,
+                                                                         expected):
+    """A deployed owner's `num-threads` wins; a simulation worker uses the CPUs Ray reserved."""
+    import torch
+
+    node_config, _, _ = owner
+    if node_threads is not None:
+        node_config["num-threads"] = node_threads
+    before = torch.get_num_threads()
+    try:
+        train(_message(tiny_cfg.replace(client_cpus=client_cpus)), _context(node_config, secagg_threshold=2))
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
