@@ -389,3 +389,35 @@ def test_wrapper_drives_flower_strategy_start():
         step = once[k] - a.numpy().astype(np.float64)
         np.testing.assert_allclose(result.arrays[k].numpy(), a.numpy() + 2 * step, atol=1e-5)
     assert all(stage_of(r) is not None for r in grid.replies)  # nothing but secure stages reached clients
+
+
+class _SlowGrid:
+    """Replies become available one pull after another, as from a SuperLink."""
+
+    def __init__(self, replies_per_pull: int, never: int = 0) -> None:
+        self.per_pull, self.never, self.pulls, self.pending = replies_per_pull, never, 0, []
+
+    def push_messages(self, messages):
+        self.pending = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.pending)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        ready = [i for i in self.pending if i in ids][: self.per_pull]
+        ready = [i for i in ready if int(i[1:]) < len(self.pending) - self.never]
+        return [type("Reply", (), {"metadata": type("Meta", (), {"reply_to_message_id": i})()})() for i in ready]
+
+
+def test_stage_replies_are_polled_until_all_arrive_or_the_deadline():
+    import time
+
+    from server.secure_aggregation import send_and_receive
+
+    grid = _SlowGrid(replies_per_pull=2)
+    got = send_and_receive(grid, [object()] * 5, timeout=30)
+    assert sorted(r.metadata.reply_to_message_id for r in got) == ["m0", "m1", "m2", "m3", "m4"]
+    assert grid.pulls == 3  # pulled again at once (Flower's deployed grid sleeps 3 s between pulls)
+    grid = _SlowGrid(replies_per_pull=5, never=1)  # one node never answers
+    start = time.monotonic()
+    got = send_and_receive(grid, [object()] * 5, timeout=0.6)
+    assert len(got) == 4 and time.monotonic() - start >= 0.6  # waited for it until the deadline, then went on
