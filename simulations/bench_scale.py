@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shared.config import FedConfig
+from simulations.bench_accuracy import _config
 from shared.quiet import offline_and_quiet
 
 
@@ -58,17 +59,6 @@ class TreePeak(threading.Thread):
                     pass
             self.peak = max(self.peak, total)
             time.sleep(self.every)
-
-
-def _config(overrides: list[str], **values) -> FedConfig:
-    from shared.config import _coerce
-
-    kinds = {f.name: type(f.default) for f in dataclasses.fields(FedConfig)}
-    for arg in overrides:
-        key, value = arg.split("=", 1)
-        key = key.replace("-", "_")
-        values[key] = _coerce(key, value, kinds[key])
-    return FedConfig(**values)
 
 
 def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200) -> float:
@@ -151,7 +141,7 @@ def main() -> None:
     out = Path(args.output)
     results: dict = {"load_before": os.getloadavg(), "runs": []}
 
-    base = _config(args.overrides, rounds=args.rounds)
+    base = _config([f"rounds={args.rounds}", *args.overrides])  # an override of rounds wins
     default_cfg = base.replace(output=str(out / "default"))
     results["bare_default"] = bare_default = bare_rate(default_cfg, default_cfg.examples_per_brand)
     results["bare_small"] = bare_small = bare_rate(default_cfg, args.examples)
