@@ -20,7 +20,7 @@ from rich.table import Table
 from shared.tasks import Task, get_task
 
 # every round's row: "round", then the task's metrics (shared/tasks/), then these
-RUN_FIELDS = ["train_loss", "epsilon_max", "clients_trained", "clients_declined", "clients_failed", "bytes_uploaded", "seconds"]
+RUN_FIELDS = ["train_loss", "epsilon_max", "clients_trained", "clients_declined", "clients_failed", "bytes_uploaded", "seconds", "train_seconds"]
 
 
 def _finite(x):
@@ -66,7 +66,8 @@ class RunReport:
                        old.get("owners", {}), old.get("warnings", []))
         return cls(output, config)
 
-    def add_round(self, server_round: int, evaluation: dict, client_metrics: list[dict], failed: int, seconds: float) -> dict:
+    def add_round(self, server_round: int, evaluation: dict, client_metrics: list[dict], failed: int, seconds: float,
+                  train_seconds: float | None = None) -> dict:
         trained = [m for m in client_metrics if not m.get("declined")]
         errored = [m for m in client_metrics if m.get("declined") and int(m.get("declined-code", 0)) in FAILURE_CODES]
         for m in client_metrics:
@@ -92,7 +93,8 @@ class RunReport:
             "clients_trained": len(trained), "clients_declined": len(client_metrics) - len(trained) - len(errored),
             "clients_failed": failed + len(errored),
             "bytes_uploaded": int(sum(int(m.get("bytes-uploaded", 0)) for m in trained)),
-            "seconds": round(seconds, 2),
+            "seconds": round(seconds, 2),  # the whole round: training, aggregation, evaluation, checkpoint
+            "train_seconds": None if train_seconds is None else round(train_seconds, 2),  # sampling to aggregate
         }
         self.rounds = [r for r in self.rounds if r["round"] != server_round] + [row]
         for owner, owner_scores in evaluation.get("owners", {}).items():

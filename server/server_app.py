@@ -88,13 +88,14 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
         for server_round in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
             new_arrays, metrics, failed = _train_round(grid, strategy, cfg, server_round, arrays)
+            trained = time.perf_counter() - t0
             if new_arrays is not None:
                 arrays = new_arrays
             released = release_average(released, from_record(arrays), cfg.release_average)
             load_trainable_state(model, released)
             evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
             save_checkpoint(model, output, server_round, cfg.to_run_config())
-            row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0)
+            row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0, trained)
             progress.update(task, advance=1, status=status_line(get_task(cfg), row))
     if get_task(cfg).after_run is not None and start <= cfg.rounds:  # e.g. sampled generations for a person to read
         get_task(cfg).after_run(model, tokenizer, fed.test, output)

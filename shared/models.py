@@ -8,13 +8,13 @@ seed. Base weights never leave the machine; only adapter tensors travel.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, BertConfig, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from shared.cache import cache_dir
 from shared.errors import FedLoraError
 from shared.tasks import Task, get_task
 
@@ -78,8 +78,7 @@ def _load_minilm(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedToke
 
 
 def smollm2_cache_dir() -> Path:
-    root = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
-    return root / "smollm2-135m"
+    return cache_dir("smollm2-135m")
 
 
 def _load_smollm2(num_labels: int, head) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.cache import cache_dir
+
 COUNT_WEIGHT = 0.3
 SENSITIVITY = math.sqrt(1.0 + COUNT_WEIGHT**2)
 STATS_BOUND = float(2**20)
@@ -153,7 +155,7 @@ def embed(model, tokenizer, texts: list[str], max_length: int = 128, batch_size:
 def embeddings_cached(encoder_id: str, texts: list[str], compute) -> np.ndarray:
     """Embeddings keyed by encoder and texts in the local cache (`$FEDLORA_CACHE/embeddings`):
     the owner's own machine, like its data. Rounds and reruns then skip the encoder."""
-    root = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora")) / "embeddings"
+    root = cache_dir("embeddings")
     h = hashlib.sha256(encoder_id.encode())
     for t in texts:
         h.update(t.encode("utf-8", "replace") + b"\0")
@@ -259,13 +261,9 @@ def noise_schedule(target_epsilon: float, delta: float, releases: int) -> list[f
 
 
 def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
+    from client.privacy import history_epsilon
 
-    from client.privacy import ALPHAS
-
-    acc = RDPAccountant()
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta, alphas=ALPHAS))
+    return history_epsilon(history, delta)
 
 
 @lru_cache(maxsize=256)

@@ -24,7 +24,9 @@ import threading
 import time
 from pathlib import Path
 
-AIRLINES = Path.home() / ".cache" / "fedlora" / "datasets" / "airlines" / "train.csv"
+from shared.cache import cache_dir
+
+AIRLINES = cache_dir("datasets", "airlines", "train.csv")
 ENV = {"arena": {"MALLOC_ARENA_MAX": "2"}, "mmap": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
 
 

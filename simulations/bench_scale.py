@@ -14,11 +14,14 @@ One invocation measures, on this machine and in this order:
 - `clients=N`: N virtual clients of `--examples` rows each (synthetic, iid), `--per-round`
   of them sampled each round (at least 1%), DP and secure aggregation on.
 
-For each simulation: examples trained per second over its rounds (from each round's wall
-time in metrics.csv and the examples the sampled clients' ledgers recorded), its
-efficiency = that rate / (bare rate x workers), and the peak resident memory of the whole
-process tree (driver and Ray workers), also as a ratio to the smallest N's peak.
-Results go to `--output`/scale.json.
+For each simulation: examples trained per second (the examples the sampled clients' ledgers
+recorded, per round) two ways: over the training phase of the rounds after the first
+(sampling, local DP-SGD, secure aggregation: `train_seconds` in metrics.csv; the first
+round's workers also load the model), and over whole rounds (with the server's evaluation
+and checkpoint); efficiency = rate / (bare rate x workers); and the peak resident memory of
+the whole process tree (driver and Ray workers), also as a ratio to the smallest N's peak.
+Each `--models` entry gets its own bare loop. Results go to `--output`/scale.json and a
+plot of the curves to scale.png.
 """
 
 from __future__ import annotations
@@ -85,18 +88,22 @@ def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200) -> float:
     return cfg.local_epochs * len(dataset) / (time.perf_counter() - start)
 
 
-def trained_examples(output: Path, cfg: FedConfig) -> int:
-    """Examples the clients' DP-SGD steps processed, in expectation: steps x sampling rate x
-    rows, summed over every client's recorded rounds (each ledger keeps its own history)."""
+def trained_examples(output: Path, cfg: FedConfig) -> dict[int, float]:
+    """Per round, the examples the clients' DP-SGD steps processed, in expectation: steps x
+    sampling rate x rows, over every client that trained that round (each ledger keeps its
+    own `round_steps` beside its `rounds_trained`; a client's sampling rate depends on its
+    size alone, and Opacus merges the repeated rounds into one history entry)."""
     from shared.data import partitioning
 
     sizes = partitioning(cfg).sizes
-    total = 0.0
+    per_round: dict[int, float] = {}
     for path in (output / "ledgers").glob("partition-*.json"):
         pid = int(path.stem.split("-")[1])
-        history = json.loads(path.read_text())["history"]
-        total += sum(steps * rate for _, rate, steps in history) * sizes[pid]
-    return int(round(total))
+        ledger = json.loads(path.read_text())
+        rate = ledger["history"][-1][1]
+        for server_round, steps in zip(ledger["rounds_trained"], ledger["round_steps"]):
+            per_round[server_round] = per_round.get(server_round, 0.0) + steps * rate * sizes[pid]
+    return per_round
 
 
 def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> dict:
@@ -114,21 +121,54 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     output = Path(cfg.output)
     with open(output / "metrics.csv") as fh:
         rounds = list(csv.DictReader(fh))
+    per_round = trained_examples(output, cfg)
+    examples = sum(per_round.values())
     seconds = sum(float(r["seconds"]) for r in rounds)
-    examples = trained_examples(output, cfg)
-    workers = cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
-    rate = examples / seconds
-    row = {"run": name, "clients": cfg.num_clients, "per_round": max(1, int(cfg.num_clients * cfg.fraction)),
-           "rounds": len(rounds), "examples": examples, "round_seconds": round(seconds, 1), "wall": round(wall, 1),
-           "examples_per_s": round(rate, 1), "efficiency": round(rate / (bare * workers), 3),
+    # the training phase (sampling, local DP-SGD, secure aggregation) after the first round,
+    # whose workers also load the model: what a longer run pays per round
+    later = [r for r in rounds if int(r["round"]) > 1] or rounds
+    steady = sum(per_round.get(int(r["round"]), 0.0) for r in later) / sum(float(r["train_seconds"]) for r in later)
+    capacity = bare * (cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus)))
+    row = {"run": name, "model": cfg.model, "clients": cfg.num_clients,
+           "per_round": max(1, int(cfg.num_clients * cfg.fraction)), "rounds": len(rounds), "examples": round(examples),
+           "round_seconds": [float(r["seconds"]) for r in rounds], "train_seconds": [float(r["train_seconds"]) for r in rounds],
+           "wall": round(wall, 1), "examples_per_s": round(examples / seconds, 1), "train_examples_per_s": round(steady, 1),
+           "efficiency": round(examples / seconds / capacity, 3), "train_efficiency": round(steady / capacity, 3),
            "peak_rss_mb": round(peak.peak / 2**20), "accuracy": float(rounds[-1].get("accuracy") or "nan")}
     console.print(row)
     return row
 
 
+def plot(results: dict, path: Path) -> None:
+    """Examples per second and efficiency against the number of clients, one curve per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (rate_ax, eff_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for model in sorted({r["model"] for r in results["runs"]}):
+        runs = sorted((r for r in results["runs"] if r["model"] == model and r["run"] != "default"), key=lambda r: r["clients"])
+        n = [r["clients"] for r in runs]
+        rate_ax.plot(n, [r["train_examples_per_s"] for r in runs], "o-", label=f"{model}: training phase")
+        rate_ax.plot(n, [r["examples_per_s"] for r in runs], "o--", label=f"{model}: whole rounds")
+        eff_ax.plot(n, [r["train_efficiency"] for r in runs], "o-", label=f"{model}: training phase")
+        eff_ax.plot(n, [r["efficiency"] for r in runs], "o--", label=f"{model}: whole rounds")
+    for ax, label in ((rate_ax, "examples / s"), (eff_ax, "efficiency (x bare loop)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("virtual clients")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    eff_ax.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, nargs="*", default=[10, 1000, 10000])
+    parser.add_argument("--models", nargs="*", default=["minilm"], help="e.g. minilm smollm2-135m")
     parser.add_argument("--examples", type=int, default=50, help="rows per virtual client")
     parser.add_argument("--per-round", type=int, default=10, help="clients sampled per round (at least 1%%)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -139,33 +179,38 @@ def main() -> None:
     offline_and_quiet()
     console = Console()
     out = Path(args.output)
-    results: dict = {"load_before": os.getloadavg(), "runs": []}
+    results: dict = {"load_before": os.getloadavg(), "bare": {}, "runs": []}
 
-    base = _config([f"rounds={args.rounds}", *args.overrides])  # an override of rounds wins
-    default_cfg = base.replace(output=str(out / "default"))
-    results["bare_default"] = bare_default = bare_rate(default_cfg, default_cfg.examples_per_brand)
-    results["bare_small"] = bare_small = bare_rate(default_cfg, args.examples)
-    console.print(f"bare loop, one core: {bare_default:.1f} examples/s at the default owners' batch, "
-                  f"{bare_small:.1f} at a {args.examples}-row owner's")
-    if args.default:
-        results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
-    for n in args.clients:
-        per_round = max(args.per_round, math.ceil(n / 100))
-        rows = n * args.examples
-        cfg = base.replace(num_clients=n, partition_by="", partition="iid", fraction=per_round / n,
-                           brands=6, examples_per_brand=math.ceil(rows / 6), output=str(out / f"clients-{n}"))
-        results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
-    smallest = next((r for r in results["runs"] if r["run"].startswith("clients=")), None)
+    for model in args.models:
+        base = _config([f"rounds={args.rounds}", f"model={model}", *args.overrides])  # an override wins
+        default_cfg = base.replace(output=str(out / model / "default"))
+        bare_small = bare_rate(default_cfg, args.examples)
+        results["bare"][model] = {"small": bare_small}
+        console.print(f"{model}: bare loop, one core: {bare_small:.1f} examples/s at a {args.examples}-row owner's batch")
+        if args.default:
+            bare_default = results["bare"][model]["default"] = bare_rate(default_cfg, default_cfg.examples_per_brand)
+            console.print(f"{model}: bare loop, one core: {bare_default:.1f} examples/s at the default owners' batch")
+            results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
+        for n in args.clients:
+            per_round = max(args.per_round, math.ceil(n / 100))
+            rows = n * args.examples
+            cfg = base.replace(num_clients=n, partition_by="", partition="iid", fraction=per_round / n, brands=6,
+                               examples_per_brand=math.ceil(rows / 6), output=str(out / model / f"clients-{n}"))
+            results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
     table = Table(title=f"scale vs this run's bare loop (load {results['load_before'][0]:.1f})")
-    for column in ("run", "per round", "examples/s", "efficiency", "peak MB", "x first", "accuracy"):
+    for column in ("model", "run", "per round", "ex/s train", "eff. train", "ex/s rounds", "eff. rounds",
+                   "peak MB", "x first", "accuracy"):
         table.add_column(column, justify="right")
     for r in results["runs"]:
-        ratio = r["peak_rss_mb"] / smallest["peak_rss_mb"] if smallest and r["run"] != "default" else float("nan")
-        table.add_row(r["run"], str(r["per_round"]), f"{r['examples_per_s']:.1f}", f"{r['efficiency']:.2f}",
+        first = next((f for f in results["runs"] if f["model"] == r["model"] and f["run"].startswith("clients=")), None)
+        ratio = r["peak_rss_mb"] / first["peak_rss_mb"] if first and r["run"] != "default" else float("nan")
+        table.add_row(r["model"], r["run"], str(r["per_round"]), f"{r['train_examples_per_s']:.1f}",
+                      f"{r['train_efficiency']:.2f}", f"{r['examples_per_s']:.1f}", f"{r['efficiency']:.2f}",
                       str(r["peak_rss_mb"]), f"{ratio:.2f}", f"{r['accuracy']:.3f}")
     console.print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2))
+    plot(results, out / "scale.png")
 
 
 if __name__ == "__main__":

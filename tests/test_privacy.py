@@ -9,7 +9,7 @@ from opacus.accountants import RDPAccountant
 
 from client.client_app import LEDGER_KEY, train
 from client.policy import DeclineCode
-from client.privacy import ALPHAS, PrivacyLedger, plan_privacy
+from client.privacy import ALPHAS, PrivacyLedger, history_epsilon, plan_privacy
 from client.trainer import train_local
 from shared.data import SYNTHETIC_LABELS, client_partition, encode
 from shared.errors import FedLoraError
@@ -40,6 +40,21 @@ def test_epsilon_after_two_rounds_is_the_accountants_epsilon_for_the_combined_hi
     assert eps2 > eps1 > 0
     assert eps2 <= tiny_cfg.target_epsilon * (1 + 1e-6)  # calibrated over all planned rounds
     assert ledger.rounds_trained == [1, 2]
+
+
+@pytest.mark.parametrize("history", [
+    [(0.95, 0.25, 4)] * 3 + [(1.3, 0.01, 100)],
+    [(0.6, 1.0, 1), (4.0, 0.5, 2), (0.95, 0.25, 4), (0.6, 1.0, 1)],  # a repeated entry, served from the cache
+    [(30.0, 0.001, 5000)],
+])
+def test_the_cached_epsilon_is_opacus_epsilon_to_the_last_bit(history):
+    """The ledger caches per-step RDP per (noise, rate); the figure must stay Opacus's own."""
+    reference = RDPAccountant()
+    reference.history = list(history)
+    expected = reference.get_epsilon(1e-5, alphas=ALPHAS)
+    assert history_epsilon(history, 1e-5) == expected
+    assert history_epsilon(history, 1e-5) == expected  # again, from the cache
+    assert PrivacyLedger(1e-5, 8.0, {"history": list(history)}).epsilon() == expected
 
 
 def test_what_if_queries_never_change_the_recorded_spend(tiny_cfg):
@@ -190,3 +205,29 @@ def test_round_rates_decay_by_cosine_and_head_rounds_never_exceed_half_the_run(t
     assert [head_only(cfg, r) for r in (1, 2, 3)] == [True, True, False]
     assert not head_only(cfg.replace(rounds=1), 1) and head_only(cfg.replace(rounds=3), 1)
     assert not head_only(cfg.replace(rounds=3), 2)
+
+
+def test_noise_calibration_is_cached_on_disk_and_a_tampered_entry_is_recomputed(tmp_path, monkeypatch):
+    """Workers share calibrations through the cache folder; a file that claims a smaller
+    noise multiplier (more utility, more epsilon) must not be believed."""
+    import client.privacy as privacy
+
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path))
+    calls = []
+    real = privacy.get_noise_multiplier
+    monkeypatch.setattr(privacy, "get_noise_multiplier", lambda **kw: calls.append(kw) or real(**kw))
+    args = (3.0, 1e-5, 0.125, 40)
+    privacy._noise_multiplier.cache_clear()
+    sigma = privacy._noise_multiplier(*args)
+    privacy._noise_multiplier.cache_clear()  # a new worker process
+    assert privacy._noise_multiplier(*args) == sigma and len(calls) == 1
+    assert 3.0 - 0.01 <= history_epsilon([(sigma, 0.125, 40)], 1e-5) <= 3.0
+
+    [entry] = (tmp_path / "noise-multipliers").glob("*.json")
+    entry.write_text(json.dumps({**json.loads(entry.read_text()), "sigma": sigma * 0.8}))
+    privacy._noise_multiplier.cache_clear()
+    assert privacy._noise_multiplier(*args) == sigma and len(calls) == 2
+    entry.write_text("{not json")
+    privacy._noise_multiplier.cache_clear()
+    assert privacy._noise_multiplier(*args) == sigma and len(calls) == 3
+    privacy._noise_multiplier.cache_clear()

@@ -235,6 +235,32 @@ def test_training_hands_freed_memory_back_to_the_system(monkeypatch):
     assert trainer.release_memory() is sys.platform.startswith("linux")
 
 
+def test_the_resident_model_is_frozen_out_of_gc_yet_a_clients_garbage_is_still_collected(tiny_cfg):
+    """A worker's full collection after each client must not walk the resident model
+    (gc.freeze), and must still free what the client left in reference cycles."""
+    import gc
+    import weakref
+
+    import client.trainer as trainer
+    from shared.lora import _cached, cached_model
+
+    _cached.cache_clear()
+    model, _ = cached_model(tiny_cfg, 2)
+    assert gc.get_freeze_count() > 0
+    assert not any(obj is model for obj in gc.get_objects())  # frozen: outside every generation
+
+    class Cycle:
+        pass
+
+    garbage = Cycle()
+    garbage.self = garbage
+    alive = weakref.ref(garbage)
+    del garbage
+    trainer.release_memory()
+    assert alive() is None
+    _cached.cache_clear()
+
+
 # --- simulations ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
