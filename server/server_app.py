@@ -93,7 +93,9 @@ def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> Ru
                 arrays = new_arrays
             released = release_average(released, from_record(arrays), cfg.release_average)
             load_trainable_state(model, released)
-            evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
+            evaluation = {}  # a round left out by --eval-every has no held-out scores in its row
+            if server_round % cfg.eval_every == 0 or server_round == cfg.rounds:
+                evaluation = evaluate(eval_module, eval_data, len(fed.labels), groups=groups, task=get_task(cfg))
             save_checkpoint(model, output, server_round, cfg.to_run_config())
             row = report.add_round(server_round, evaluation, metrics, failed, time.perf_counter() - t0, trained)
             progress.update(task, advance=1, status=status_line(get_task(cfg), row))

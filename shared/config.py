@@ -60,6 +60,7 @@ class FedConfig:
     head_lr: float = field(default=4.0, metadata={"help": "learning rate of the task head"})
     head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
     release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate on the held-out set every N rounds and after the last; at scale the server's evaluation can cost more than a round's training"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = field(default=0, metadata={"help": "public seed: synthetic data, iid split, initial weights and directions (never the DP noise)"})
     # privacy
@@ -120,8 +121,8 @@ class FedConfig:
             raise FedLoraError("--num-clients must be at least 1")
         if not 0.0 < self.fraction <= 1.0:
             raise FedLoraError("--fraction must be in (0, 1]")
-        if self.rounds < 1 or self.local_epochs < 1:
-            raise FedLoraError("--rounds and --local-epochs must be at least 1")
+        if self.rounds < 1 or self.local_epochs < 1 or self.eval_every < 1:
+            raise FedLoraError("--rounds, --local-epochs and --eval-every must be at least 1")
         if self.dp:
             if not self.target_epsilon > 0:
                 raise FedLoraError(f"epsilon target cannot be met: --target-epsilon must be positive, got {self.target_epsilon}")

@@ -34,10 +34,11 @@ VARIANTS = {
 
 
 def _config(pairs: list[str]) -> FedConfig:
-    """`key=value` pairs parsed the way Flower's run config is (hyphens or underscores)."""
-    values = dict(pair.partition("=")[::2] for pair in pairs)
+    """`key=value` pairs parsed the way Flower's run config is (hyphens or underscores);
+    a later pair overrides an earlier one for the same setting, however it is spelt."""
+    values = {key.replace("-", "_"): value for key, _, value in (pair.partition("=") for pair in pairs)}
     known = {f.name for f in fields(FedConfig)}
-    unknown = [k for k in values if k.replace("-", "_") not in known]
+    unknown = [k for k in values if k not in known]
     if unknown:
         raise SystemExit(f"unknown setting {unknown[0]!r}")
     return FedConfig.from_run_config(values)

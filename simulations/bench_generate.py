@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
-from shared.config import FedConfig, _coerce
 from shared.quiet import offline_and_quiet
+from simulations.bench_accuracy import _config
 
 DEFAULTS = dict(task="generate", model="smollm2-135m", brands=3, num_clients=3, examples_per_brand=120, test_size=45,
                 rounds=2, batch_size=24, lr=0.02, lora_layers=4, target_epsilon=8.0, output="runs/bench-generate")
@@ -24,13 +23,7 @@ DEFAULTS = dict(task="generate", model="smollm2-135m", brands=3, num_clients=3, 
 
 def main(argv: list[str]) -> dict:
     offline_and_quiet()
-    kinds = {f.name: type(f.default) for f in fields(FedConfig)}
-    values = dict(DEFAULTS)
-    for arg in argv:
-        key, value = arg.split("=", 1)
-        key = key.replace("-", "_")
-        values[key] = _coerce(key, value, kinds[key])
-    cfg = FedConfig(**values)
+    cfg = _config([f"{k}={v}" for k, v in DEFAULTS.items()] + argv)  # an override wins
     from server.report import epsilon_max
     from shared.data import choose_max_length, encode, load_federation
     from shared.evaluation import evaluate
@@ -48,7 +41,7 @@ def main(argv: list[str]) -> dict:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     summary = simulate(cfg)
     tuned = summary["final"]
-    result = {"config": {k: values[k] for k in DEFAULTS}, "base_perplexity": base["perplexity"],
+    result = {"config": {k: getattr(cfg, k) for k in DEFAULTS}, "base_perplexity": base["perplexity"],
               "tuned_perplexity": tuned["perplexity"], "ratio": tuned["perplexity"] / base["perplexity"],
               "reduction": 1 - tuned["perplexity"] / base["perplexity"], "epsilon_max": epsilon_max(summary),
               "rounds": [{"round": r["round"], "perplexity": r["perplexity"]} for r in summary["rounds"]],

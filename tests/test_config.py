@@ -42,3 +42,14 @@ def test_cli_centralized_baseline_pools_the_same_data():
 def test_cli_rejects_bad_settings(argv, message):
     with pytest.raises(FedLoraError, match=message):
         _parse(*argv)
+
+
+def test_benchmark_settings_parse_once_and_a_later_pair_wins_however_it_is_spelt():
+    import pytest
+
+    from simulations.bench_accuracy import _config
+
+    cfg = _config(["lora_layers=4", "rounds=3", "lora-layers=2", "eval-every=2"])
+    assert (cfg.lora_layers, cfg.rounds, cfg.eval_every) == (2, 3, 2)
+    with pytest.raises(SystemExit, match="unknown setting"):
+        _config(["no_such_setting=1"])

@@ -90,13 +90,16 @@ def test_resume_continues_from_the_checkpoint_and_epsilon_keeps_composing(run, t
     cfg, out, summary = run
     proc = subprocess.run(  # a fresh process, as a user resuming would (Ray starts once per process)
         [sys.executable, "-m", "fedlora", "simulate", "--model", "tiny-bert", "--brands", "3", "--examples-per-brand", "64",
-         "--test-size", "60", "--batch-size", "16", "--lr", "5e-3", "--max-length", "32", "--rounds", "3",
+         "--test-size", "60", "--batch-size", "16", "--lr", "5e-3", "--max-length", "32", "--rounds", "4", "--eval-every", "2",
          "--output", str(out), "--resume", str(out)],
         capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads((out / "summary.json").read_text())
-    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
+    # --eval-every 2: round 3 has no held-out scores, the last round always has them
+    assert resumed["rounds"][2]["accuracy"] is None and resumed["rounds"][2]["seconds"] > 0
+    assert resumed["rounds"][3]["accuracy"] is not None and resumed["final"]["accuracy"] is not None
     # the ledgers survived in the output folder: the noise was calibrated for 2 rounds, so a
     # third round would overspend and every client declines rather than reset its budget
     assert resumed["rounds"][-1]["clients_trained"] == 0
