@@ -21,60 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-SERVER_READY = "SuperLink listening"
-AGENT_READY = "SuperNode ID"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """`fedlora` commands in sessions of their own, logs in a folder; all killed at the end."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.procs = folder, {}
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.folder / f"{name}.log", "w")
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "HOME": str(self.folder / "home")}
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "fedlora", *args], stdout=log,
-                                            stderr=subprocess.STDOUT, env=env, cwd=self.folder,
-                                            start_new_session=True)
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def wait_for(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log(name):
-                return
-            if self.procs[name].poll() is not None:
-                break
-            time.sleep(0.5)
-        raise RuntimeError(f"{name} never logged {text!r}:\n{self.log(name)[-2000:]}")
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+from simulations.local_deploy import AGENT_READY, Processes
 
 
 def make_data(folder: Path, rows: int, test_rows: int, seed: int) -> list[Path]:
@@ -94,16 +46,11 @@ def deployed(folder: Path, data: Path, owners: list[Path], certs: Path, mode: st
              timeout: float) -> dict:
     """One deployed run with agents in `mode`; the server's round times and each agent's model loads."""
     procs = Processes(folder)
-    address = f"127.0.0.1:{free_port()}"
     try:
-        procs.start("server", "server", "--certs", str(certs), "--address", address,
-                    "--state", str(folder / "state" / "link.db"), "--allow-keys", str(certs / "supernodes"))
-        procs.wait_for("server", SERVER_READY, 120)
+        address = procs.start_server(certs, certs / "supernodes", folder / "state" / "link.db")
         for i, csv in enumerate(owners, start=1):
-            procs.start(f"agent{i}", "client", "--superlink", address, "--root-cert", str(certs / "ca.crt"),
-                        "--roster", str(certs / "supernodes"), "--node-key", str(certs / "supernodes" / f"client-{i}"),
-                        "--data", str(csv), "--ledger", str(folder / f"ledger{i}.json"),
-                        "--home", str(folder / f"agent{i}"), "--isolation", mode)
+            procs.start_agent(f"agent{i}", address, certs, i, csv, folder / f"ledger{i}.json", folder / f"agent{i}",
+                              "--isolation", mode)
         for i in range(1, len(owners) + 1):
             procs.wait_for(f"agent{i}", AGENT_READY, 120)
         out = folder / "run"
@@ -117,7 +64,7 @@ def deployed(folder: Path, data: Path, owners: list[Path], certs: Path, mode: st
         if run.returncode != 0:
             raise RuntimeError(f"fedlora run ({mode}) failed:\n{run.stdout[-3000:]}{run.stderr[-2000:]}")
     finally:
-        procs.stop()
+        procs.stop_all()
     summary = json.loads((out / "summary.json").read_text())
     loads = [(folder / f"agent{i}" / "client.log").read_text(errors="replace").count("loaded model")
              if (folder / f"agent{i}" / "client.log").exists() else 0 for i in range(1, len(owners) + 1)]

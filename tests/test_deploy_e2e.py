@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,59 +19,11 @@ import pytest
 
 from shared.certs import create_certs
 from shared.data import synthetic_federation
+from simulations.local_deploy import Processes
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Procs:
-    def __init__(self, folder: Path):
-        self.folder, self.procs = folder, {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "w")
-        env = os.environ | {"HF_HUB_OFFLINE": "1", "HOME": str(self.folder / "home")}
-        proc = subprocess.Popen([sys.executable, "-m", "fedlora", *args], stdout=log, stderr=subprocess.STDOUT,
-                                env=env, cwd=self.folder, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.folder / f"{name}.log").read_text(errors="replace")
-
-    def wait_log(self, name: str, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log(name):
-                return
-            if self.procs[name].poll() is not None:
-                break
-            time.sleep(0.5)
-        raise AssertionError(f"{name} never logged {text!r}:\n{self.log(name)[-3000:]}")
-
-    def kill(self, name: str, sig=signal.SIGKILL) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.kill(name, signal.SIGTERM)
 
 
 @pytest.fixture
@@ -91,20 +42,16 @@ def federation(tmp_path):
     test[["text", "label"]].to_csv(tmp_path / "test.csv", index=False)
     (tmp_path / "owner4.csv").write_text("text,label\n\"unterminated,1\nfoo\n")  # malformed
     (tmp_path / "home").mkdir()
-    procs = Procs(tmp_path)
+    procs = Processes(tmp_path)
     yield tmp_path, certs, allowed, other_ca, procs
     procs.stop_all()
 
 
 def test_three_owners_two_rounds_tls_node_auth_secagg_dp(federation):
     tmp, certs, allowed, other_ca, procs = federation
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     ca = str(certs / "ca.crt")
     t0 = time.monotonic()
-    procs.start("server", "server", "--certs", str(certs), "--address", address, "--state", str(tmp / "state" / "link.db"),
-                "--allow-keys", str(allowed))
-    procs.wait_log("server", "SuperLink listening", 90)
+    address = procs.start_server(certs, allowed, tmp / "state" / "link.db")
     assert "client-1.pub: node" in procs.log("server")
 
     common = ["--superlink", address, "--text-column", "text", "--label-column", "label"]
@@ -191,7 +138,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_tree(procs: Procs, name: str) -> None:
+def kill_tree(procs: Processes, name: str) -> None:
     """SIGKILL an agent and everything it started, as if its machine died."""
     proc = procs.procs[name]
     groups = {os.getpgid(p) for p in [proc.pid, *descendants(proc.pid)] if Path(f"/proc/{p}").exists()}
@@ -203,21 +150,10 @@ def kill_tree(procs: Procs, name: str) -> None:
     proc.wait(timeout=20)
 
 
-def start_federation_server(tmp: Path, certs: Path, allowed: Path, procs: Procs) -> str:
-    address = f"127.0.0.1:{free_port()}"
-    procs.start("server", "server", "--certs", str(certs), "--address", address, "--state", str(tmp / "state" / "link.db"),
-                "--allow-keys", str(allowed))
-    procs.wait_log("server", "SuperLink listening", 90)
-    return address
-
-
-def start_owner(procs: Procs, name: str, tmp: Path, certs: Path, address: str, i: int, *flags: str, **extra: str) -> None:
-    args = ["client", "--superlink", address, "--root-cert", str(certs / "ca.crt"), "--roster", str(certs / "supernodes"), "--node-key",
-            str(certs / "supernodes" / f"client-{i}"), "--data", str(tmp / f"owner{i}.csv"),
-            "--ledger", str(tmp / f"ledger{i}.json"), "--home", str(tmp / f"agent{i}"), *flags]
+def start_owner(procs: Processes, name: str, tmp: Path, certs: Path, address: str, i: int, *flags: str, **extra: str) -> None:
     for k, v in extra.items():
-        args += [f"--{k.replace('_', '-')}", v]
-    procs.start(name, *args)
+        flags += (f"--{k.replace('_', '-')}", v)
+    procs.start_agent(name, address, certs, i, tmp / f"owner{i}.csv", tmp / f"ledger{i}.json", tmp / f"agent{i}", *flags)
 
 
 def run_command(tmp: Path, certs: Path, address: str, out: Path, *flags: str) -> list[str]:
@@ -262,7 +198,7 @@ def test_dropout_mid_round_and_restart_keeps_the_ledger_composing(federation):
 
     tmp, certs, allowed, _, procs = federation
     t0 = time.monotonic()
-    address = start_federation_server(tmp, certs, allowed, procs)
+    address = procs.start_server(certs, allowed, tmp / "state" / "link.db")
     for i in (1, 2, 3):
         start_owner(procs, f"owner{i}", tmp, certs, address, i)
     out = tmp / "results"
@@ -404,7 +340,7 @@ def test_no_individual_update_in_the_clear_at_the_server(federation, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tmp, certs, allowed, _, procs = federation
     t0 = time.monotonic()
-    address = start_federation_server(tmp, certs, allowed, procs)
+    address = procs.start_server(certs, allowed, tmp / "state" / "link.db")
     for i in (1, 2, 3):  # these owners opt in to non-private, unmasked runs (their policy declines them by default)
         start_owner(procs, f"owner{i}", tmp, certs, address, i, "--allow-no-dp", "--allow-plain-aggregation")
     common = ["--num-clients", "3", "--rounds", "1", "--no-dp", "--seed", "7", "--secagg-neighbours", "2"]
