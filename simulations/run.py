@@ -186,6 +186,9 @@ def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = Fals
     `client_app` replaces fedlora's ClientApp (tests wrap it to look inside a worker)."""
     from flwr.simulation import run_simulation
 
+    from simulations import fast_dispatch
+
+    fast_dispatch.install()  # one scan per dispatch pass, not one per virtual client
     results, failures = [], []
     server_app = ServerApp()
 
