@@ -271,3 +271,25 @@ def test_array_view_matches_numpy_load():
         arr = Array(a)
         view = array_view(arr)
         assert view.dtype == arr.numpy().dtype and view.shape == a.shape and np.array_equal(view, a)
+
+
+def test_remembered_signatures_never_vouch_for_other_keys_data_or_signatures():
+    """identity.verify remembers valid (key, signature, data) triples within a process; the
+    cache must not let a forgery through: another key, other data, a changed signature, and
+    any splice of the three fields stay invalid."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from shared.secagg import identity
+
+    a, b = ec.generate_private_key(ec.SECP256R1()), ed25519.Ed25519PrivateKey.generate()
+    data = b"advertisement of round 3"
+    sig = identity.sign(a, data)
+    for _ in range(2):  # the second time from the cache
+        assert identity.verify(a.public_key(), sig, data)
+    assert not identity.verify(b.public_key(), sig, data)
+    assert not identity.verify(a.public_key(), sig, data + b"!")
+    assert not identity.verify(a.public_key(), sig[:-1] + bytes([sig[-1] ^ 1]), data)
+    assert not identity.verify(a.public_key(), sig + data[:4], data[4:])  # the same bytes, split elsewhere
+    assert not identity.verify(a.public_key(), "not bytes", data)
+    sig_b = identity.sign(b, data)
+    assert identity.verify(b.public_key(), sig_b, data) and not identity.verify(a.public_key(), sig_b, data)

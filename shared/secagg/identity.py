@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -51,17 +52,35 @@ def sign(key, data: bytes) -> bytes:
     raise IdentityError("signing key must be Ed25519 or ECDSA")
 
 
+_VERIFIED: OrderedDict[bytes, None] = OrderedDict()
+VERIFIED_ENTRIES = 65536
+
+
 def verify(pub, sig: bytes, data: bytes) -> bool:
-    if not isinstance(sig, bytes) or len(sig) > 256:
+    """Whether `sig` is `pub`'s signature of `data`. A simulation worker serves many virtual
+    clients, and every neighbour of an owner checks the same advertisement (each owner's
+    signed survivor set likewise): a signature already found valid in this process is
+    remembered by the SHA-256 of (key, signature, data), length-prefixed, so the same bytes
+    are not verified twice. Only valid signatures are remembered; any other triple is checked."""
+    if not isinstance(sig, bytes) or len(sig) > 256 or not isinstance(data, bytes):
         return False
+    h = hashlib.sha256()
+    for part in (_pub_bytes(pub), sig, data):
+        h.update(len(part).to_bytes(8, "big") + part)
+    key = h.digest()
+    if key in _VERIFIED:
+        return True
     try:
         if isinstance(pub, ed25519.Ed25519PublicKey):
             pub.verify(sig, data)
         else:
             pub.verify(sig, data, ec.ECDSA(hashes.SHA256()))
-        return True
     except (InvalidSignature, ValueError):
         return False
+    _VERIFIED[key] = None
+    if len(_VERIFIED) > VERIFIED_ENTRIES:
+        _VERIFIED.popitem(last=False)
+    return True
 
 
 @dataclass(frozen=True)
