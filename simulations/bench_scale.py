@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=50, help="rows per virtual client")
     parser.add_argument("--per-round", type=int, default=10, help="clients sampled per round (at least 1%%)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bare-rows", type=int, default=1200, help="rows the bare loop trains on (fewer for a large model on CPU)")
     parser.add_argument("--default", action="store_true", help="also the default 6-owner simulation")
     parser.add_argument("--output", default="runs/bench-scale")
     parser.add_argument("overrides", nargs="*", help="FedConfig key=value for every run")
@@ -184,11 +185,11 @@ def main() -> None:
     for model in args.models:
         base = _config([f"rounds={args.rounds}", f"model={model}", *args.overrides])  # an override wins
         default_cfg = base.replace(output=str(out / model / "default"))
-        bare_small = bare_rate(default_cfg, args.examples)
+        bare_small = bare_rate(default_cfg, args.examples, args.bare_rows)
         results["bare"][model] = {"small": bare_small}
         console.print(f"{model}: bare loop, one core: {bare_small:.1f} examples/s at a {args.examples}-row owner's batch")
         if args.default:
-            bare_default = results["bare"][model]["default"] = bare_rate(default_cfg, default_cfg.examples_per_brand)
+            bare_default = results["bare"][model]["default"] = bare_rate(default_cfg, default_cfg.examples_per_brand, args.bare_rows)
             console.print(f"{model}: bare loop, one core: {bare_default:.1f} examples/s at the default owners' batch")
             results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
         for n in args.clients:
