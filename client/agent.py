@@ -142,6 +142,8 @@ def run_agent(superlink: str, root_cert: Path | None, node_key: Path | None, dat
                                  "log-path": str(home / "client.log"), **policy.to_node_config()}
     if target_epsilon is not None:
         values["target-epsilon"] = float(target_epsilon)
+    if task is not None:
+        values["task"] = task  # enforced: rounds of any other task are declined (client/policy.py::check_task)
     if roster is not None:
         # Secure aggregation: this owner signs with its node key and trusts only the owner keys
         # in its local roster (from the operator, like ca.crt), never keys the server sends.

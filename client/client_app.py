@@ -135,7 +135,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     import torch
 
     from client.local_data import client_frame
-    from client.policy import DeclineCode, Declined, OwnerPolicy
+    from client.policy import DeclineCode, Declined, OwnerPolicy, check_task
     from client.privacy import PrivacyLedger, plan_privacy
     from client.trainer import train_local
     from shared.data import choose_max_length, encode
@@ -148,6 +148,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     except FedLoraError as exc:
         raise Declined(DeclineCode.REQUEST, f"malformed request: {exc}") from None
     OwnerPolicy.for_node(context.node_config, request).check(request, _secagg_info(context))  # before the ledger
+    check_task(context.node_config, request)
     cfg = _node_cfg(msg, context)
 
     # a deployed agent sets its own threads; a simulation worker uses the CPUs Ray reserved for it

@@ -37,6 +37,7 @@ class DeclineCode(IntEnum):
     LEDGER = 10  # the ledger is unreadable, invalid or in use (failure)
     DATA = 11  # the local data cannot be read (failure)
     INTERNAL = 12  # anything else went wrong at the client (failure)
+    TASK = 13  # the server asked for another task than the owner joined for (`fedlora client --task`)
 
 
 FAILURE_CODES = frozenset({DeclineCode.LEDGER, DeclineCode.DATA, DeclineCode.INTERNAL})
@@ -158,6 +159,16 @@ class OwnerPolicy:
         elif secagg.threshold < self.min_secagg_threshold:
             raise Declined(DeclineCode.SECAGG_THRESHOLD, f"secure-aggregation threshold {secagg.threshold} < policy "
                            f"min {self.min_secagg_threshold}")
+
+
+def check_task(node_config: Mapping[str, Any], request: FedConfig) -> None:
+    """An owner that joined for one task (`task` in its node config) trains no other: a
+    server switching a sentiment federation to copy generation would otherwise fit the
+    owner's data to a model and loss the owner never agreed to."""
+    agreed = node_config.get("task")
+    if agreed and request.task != str(agreed):
+        raise Declined(DeclineCode.TASK, f"the server asked for task {request.task!r}; this owner joined for "
+                       f"{agreed!r} (fedlora client --task)")
 
 
 def effective_config(cfg: FedConfig, node_config: Mapping[str, Any]) -> FedConfig:

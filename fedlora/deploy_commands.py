@@ -228,8 +228,9 @@ def add_deploy_commands(sub) -> None:
                           "(raises the protocol threshold, never lowers it)")
     cli.add_argument("--data", required=True, help="CSV, TSV, JSONL or Parquet with this owner's examples (stays here)")
     cli.add_argument("--task", default=None, choices=list(TASKS),
-                     help="the task the server runs, to check the file for it before joining (default: the one "
-                          "the file's columns fit)")
+                     help="the task this owner joins for: the file is checked for it before joining, and the "
+                          "agent declines rounds of any other task (default: the one the file's columns fit, "
+                          "not enforced)")
     cli.add_argument("--model", default=None,
                      help="the model the server trains: generate checks each prompt against its context "
                           "(default: the task's model)")

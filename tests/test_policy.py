@@ -63,6 +63,18 @@ def test_a_request_that_breaks_the_owner_policy_is_declined_with_the_ledger_unto
     assert code.name in log.read_text()  # the details stay with the owner
 
 
+def test_an_owner_that_joined_for_one_task_declines_another_with_the_ledger_untouched(tiny_cfg, owner):
+    """The server is the adversary: it cannot switch an owner's data to a task the owner
+    did not join for (`fedlora client --task click` writes `task` into the node config)."""
+    node_config, ledger, log = owner
+    ledger.write_text('{"sentinel": true}')
+    before = ledger.read_bytes()
+    reply = train(_message(tiny_cfg), _context({**node_config, "task": "click"}, secagg_threshold=2))
+    metrics = reply.content["metrics"]
+    assert metrics["declined"] == 1 and metrics["declined-code"] == DeclineCode.TASK
+    assert ledger.read_bytes() == before and "joined for 'click'" in log.read_text()
+
+
 def test_without_secure_aggregation_or_below_the_threshold_the_owner_declines(tiny_cfg, owner):
     node_config, ledger, _ = owner
     reply = train(_message(tiny_cfg), _context(node_config))  # no secure-aggregation collect stage around it
