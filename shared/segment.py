@@ -261,9 +261,16 @@ def noise_schedule(target_epsilon: float, delta: float, releases: int) -> list[f
 
 
 def _epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    from client.privacy import history_epsilon
+    """Uncached on purpose: the bisection below asks about a new noise level every step, so
+    `client.privacy.history_epsilon`'s per-(noise, rate) cache would only fill with levels
+    never asked again and push out the ledgers' entries (at rate 1 the RDP is closed-form)."""
+    from opacus.accountants import RDPAccountant
 
-    return history_epsilon(history, delta)
+    from client.privacy import ALPHAS
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    return float(acc.get_epsilon(delta, alphas=ALPHAS))
 
 
 @lru_cache(maxsize=256)
