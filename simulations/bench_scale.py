@@ -18,8 +18,10 @@ For each simulation: examples trained per second (the examples the sampled clien
 recorded, per round) two ways: over the training phase of the rounds after the first
 (sampling, local DP-SGD, secure aggregation: `train_seconds` in metrics.csv; the first
 round's workers also load the model), and over whole rounds (with the server's evaluation
-and checkpoint); efficiency = rate / (bare rate x workers); and the peak resident memory of
-the whole process tree (driver and Ray workers), also as a ratio to the smallest N's peak.
+and checkpoint); efficiency = rate / (bare rate x workers) on the CPU, rate / (bare rate x GPUs) on a GPU
+(`device=cuda`: the bare loop then runs on the GPU too); the peak resident memory of the
+whole process tree (driver and Ray workers), also as a ratio to the smallest N's peak, and
+the peak memory in use on the GPU.
 Each `--models` entry gets its own bare loop. Results go to `--output`/scale.json and a
 plot of the curves to scale.png.
 """
@@ -44,12 +46,25 @@ from simulations.bench_accuracy import _config
 from shared.quiet import offline_and_quiet
 
 
+def gpu_used_bytes() -> int | None:
+    """Memory in use on the first GPU, by every process on it (Ray's workers hold their own
+    CUDA contexts, which no allocator statistic in this process sees); None without a GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    except Exception:  # no NVML library or no GPU: the CPU runs report no GPU memory
+        return None
+
+
 class TreePeak(threading.Thread):
-    """Peak summed RSS of this process and all its descendants (Ray's workers among them)."""
+    """Peak summed RSS of this process and all its descendants (Ray's workers among them),
+    and the peak memory in use on the GPU when there is one."""
 
     def __init__(self, every: float = 0.5) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self.stopped = every, 0, False
+        self.every, self.peak, self.gpu_peak, self.stopped = every, 0, gpu_used_bytes(), False
 
     def run(self) -> None:
         me = psutil.Process()
@@ -61,7 +76,22 @@ class TreePeak(threading.Thread):
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
+            gpu = gpu_used_bytes()
+            if gpu is not None:
+                self.gpu_peak = max(self.gpu_peak or 0, gpu)
             time.sleep(self.every)
+
+
+def capacity(cfg: FedConfig, bare: float) -> float:
+    """What the machine could train at the bare loop's rate: the bare loop once per worker on
+    the CPU (each worker has its cores), once per GPU on a GPU (the workers share it)."""
+    import torch
+
+    from shared.lora import resolve_device
+
+    if resolve_device(cfg.device).type == "cuda":
+        return bare * torch.cuda.device_count()
+    return bare * (cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus)))
 
 
 def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200) -> float:
@@ -112,6 +142,7 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     from simulations.run import simulate
 
     peak = TreePeak()
+    gpu_before = peak.gpu_peak
     peak.start()
     start = time.perf_counter()
     simulate(cfg, console=Console(quiet=True))
@@ -128,13 +159,15 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     # whose workers also load the model: what a longer run pays per round
     later = [r for r in rounds if int(r["round"]) > 1] or rounds
     steady = sum(per_round.get(int(r["round"]), 0.0) for r in later) / sum(float(r["train_seconds"]) for r in later)
-    capacity = bare * (cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus)))
+    can = capacity(cfg, bare)
     row = {"run": name, "model": cfg.model, "clients": cfg.num_clients,
            "per_round": max(1, int(cfg.num_clients * cfg.fraction)), "rounds": len(rounds), "examples": round(examples),
            "round_seconds": [float(r["seconds"]) for r in rounds], "train_seconds": [float(r["train_seconds"]) for r in rounds],
            "wall": round(wall, 1), "examples_per_s": round(examples / seconds, 1), "train_examples_per_s": round(steady, 1),
-           "efficiency": round(examples / seconds / capacity, 3), "train_efficiency": round(steady / capacity, 3),
-           "peak_rss_mb": round(peak.peak / 2**20), "accuracy": float(rounds[-1].get("accuracy") or "nan")}
+           "efficiency": round(examples / seconds / can, 3), "train_efficiency": round(steady / can, 3),
+           "peak_rss_mb": round(peak.peak / 2**20),
+           "peak_gpu_mb": None if peak.gpu_peak is None else round(peak.gpu_peak / 2**20),
+           "gpu_before_mb": None if gpu_before is None else round(gpu_before / 2**20), "accuracy": float(rounds[-1].get("accuracy") or "nan")}
     console.print(row)
     return row
 
@@ -200,14 +233,14 @@ def main() -> None:
             results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
     table = Table(title=f"scale vs this run's bare loop (load {results['load_before'][0]:.1f})")
     for column in ("model", "run", "per round", "ex/s train", "eff. train", "ex/s rounds", "eff. rounds",
-                   "peak MB", "x first", "accuracy"):
+                   "peak MB", "x first", "GPU MB", "accuracy"):
         table.add_column(column, justify="right")
     for r in results["runs"]:
         first = next((f for f in results["runs"] if f["model"] == r["model"] and f["run"].startswith("clients=")), None)
         ratio = r["peak_rss_mb"] / first["peak_rss_mb"] if first and r["run"] != "default" else float("nan")
         table.add_row(r["model"], r["run"], str(r["per_round"]), f"{r['train_examples_per_s']:.1f}",
                       f"{r['train_efficiency']:.2f}", f"{r['examples_per_s']:.1f}", f"{r['efficiency']:.2f}",
-                      str(r["peak_rss_mb"]), f"{ratio:.2f}", f"{r['accuracy']:.3f}")
+                      str(r["peak_rss_mb"]), f"{ratio:.2f}", str(r.get("peak_gpu_mb") or "-"), f"{r['accuracy']:.3f}")
     console.print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2))
