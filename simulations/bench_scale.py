@@ -82,28 +82,41 @@ class TreePeak(threading.Thread):
             time.sleep(self.every)
 
 
+def _on_gpu(cfg: FedConfig) -> bool:
+    from shared.lora import resolve_device
+
+    return resolve_device(cfg.device).type == "cuda"
+
+
 def capacity(cfg: FedConfig, bare: float) -> float:
     """What the machine could train at the bare loop's rate: the bare loop once per worker on
     the CPU (each worker has its cores), once per GPU on a GPU (the workers share it)."""
     import torch
 
-    from shared.lora import resolve_device
-
-    if resolve_device(cfg.device).type == "cuda":
+    if _on_gpu(cfg):
         return bare * torch.cuda.device_count()
     return bare * (cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus)))
 
 
 def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200) -> float:
-    """Examples per second of `train_local` on one core at the batch a `client_rows` owner uses."""
+    """Examples per second of `train_local` on one core (one process on a GPU) at the batch a
+    `client_rows` owner uses."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one worker's share; restored below, or the server's evaluation
+    try:  # in this process would run on one core too
+        return _bare_rate(cfg, client_rows, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bare_rate(cfg: FedConfig, client_rows: int, rows: int) -> float:
     from client.privacy import PrivacyLedger, plan_privacy
     from client.trainer import train_local
     from shared.data import choose_max_length, client_partition, encode, load_federation
     from shared.lora import cached_model
 
-    torch.set_num_threads(1)
     fed = load_federation(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
     frame = fed.train.sample(n=min(rows, len(fed.train)), random_state=0)
@@ -218,12 +231,13 @@ def main() -> None:
     for model in args.models:
         base = _config([f"rounds={args.rounds}", f"model={model}", *args.overrides])  # an override wins
         default_cfg = base.replace(output=str(out / model / "default"))
+        where = "one process on the GPU" if _on_gpu(default_cfg) else "one core"
         bare_small = bare_rate(default_cfg, args.examples, args.bare_rows)
         results["bare"][model] = {"small": bare_small}
-        console.print(f"{model}: bare loop, one core: {bare_small:.1f} examples/s at a {args.examples}-row owner's batch")
+        console.print(f"{model}: bare loop, {where}: {bare_small:.1f} examples/s at a {args.examples}-row owner's batch")
         if args.default:
             bare_default = results["bare"][model]["default"] = bare_rate(default_cfg, default_cfg.examples_per_brand, args.bare_rows)
-            console.print(f"{model}: bare loop, one core: {bare_default:.1f} examples/s at the default owners' batch")
+            console.print(f"{model}: bare loop, {where}: {bare_default:.1f} examples/s at the default owners' batch")
             results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
         for n in args.clients:
             per_round = max(args.per_round, math.ceil(n / 100))

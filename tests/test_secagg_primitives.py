@@ -293,3 +293,25 @@ def test_remembered_signatures_never_vouch_for_other_keys_data_or_signatures():
     assert not identity.verify(a.public_key(), "not bytes", data)
     sig_b = identity.sign(b, data)
     assert identity.verify(b.public_key(), sig_b, data) and not identity.verify(a.public_key(), sig_b, data)
+
+
+def test_remembered_key_encodings_follow_the_key_object(monkeypatch):
+    """The OpenSSH encoding is remembered per key object (by identity). Keys created and
+    dropped in a loop reuse ids in CPython, also once the memo evicts: every lookup must
+    still give that key's own encoding, and signatures stay bound to their own key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from shared.secagg import identity
+
+    monkeypatch.setattr(identity, "VERIFIED_ENTRIES", 3)
+    monkeypatch.setattr(identity, "_PUB_BYTES", type(identity._PUB_BYTES)())
+    for _ in range(50):
+        key = ed25519.Ed25519PrivateKey.generate()
+        pub = key.public_key()
+        raw = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        assert identity._pub_bytes(pub) == raw and identity._pub_bytes(pub) == raw
+        other = ed25519.Ed25519PrivateKey.generate().public_key()
+        sig = identity.sign(key, b"survivors")
+        assert identity.verify(pub, sig, b"survivors") and not identity.verify(other, sig, b"survivors")
+    assert len(identity._PUB_BYTES) <= 3

@@ -36,8 +36,24 @@ class IdentityError(ValueError):
     """Missing or unusable signing key or roster."""
 
 
+_PUB_BYTES: OrderedDict[int, tuple[object, bytes]] = OrderedDict()
+
+
 def _pub_bytes(pub) -> bytes:
-    return pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    """The key's OpenSSH encoding, remembered per key object: serializing costs more than the
+    signature check it keys (cryptography's key objects are unhashable, so the memo is keyed
+    by identity and holds the object, whose id then cannot be reused)."""
+    hit = _PUB_BYTES.get(id(pub))
+    if hit is not None and hit[0] is pub:
+        return hit[1]
+    raw = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _PUB_BYTES[id(pub)] = (pub, raw)
+    while len(_PUB_BYTES) > VERIFIED_ENTRIES:
+        try:
+            _PUB_BYTES.popitem(last=False)
+        except KeyError:  # emptied by another thread
+            break
+    return raw
 
 
 def fingerprint(pub) -> bytes:
