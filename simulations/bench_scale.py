@@ -59,26 +59,34 @@ def gpu_used_bytes() -> int | None:
 
 
 class TreePeak(threading.Thread):
-    """Peak summed RSS of this process and all its descendants (Ray's workers among them),
+    """Peak memory of this process and all its descendants (Ray's workers among them): summed
+    RSS, which counts every shared page (the model's file mapping, Ray's object store) once
+    per process that touches it, and summed PSS, which splits each shared page among its
+    sharers and so adds up to what the tree really holds (read less often: smaps is slower);
     and the peak memory in use on the GPU when there is one."""
 
-    def __init__(self, every: float = 0.5) -> None:
+    def __init__(self, every: float = 0.5, pss_every: int = 4) -> None:
         super().__init__(daemon=True)
-        self.every, self.peak, self.gpu_peak, self.stopped = every, 0, gpu_used_bytes(), False
+        self.every, self.pss_every, self.stopped = every, pss_every, False
+        self.peak, self.pss_peak, self.gpu_peak = 0, 0, gpu_used_bytes()
 
     def run(self) -> None:
         me = psutil.Process()
+        tick = 0
         while not self.stopped:
-            total = 0
+            rss = pss = 0
             for proc in [me, *me.children(recursive=True)]:
                 try:
-                    total += proc.memory_info().rss
-                except psutil.Error:
+                    rss += proc.memory_info().rss
+                    if tick % self.pss_every == 0:
+                        pss += proc.memory_full_info().pss
+                except (psutil.Error, AttributeError):  # gone, or no PSS on this platform
                     pass
-            self.peak = max(self.peak, total)
+            self.peak, self.pss_peak = max(self.peak, rss), max(self.pss_peak, pss)
             gpu = gpu_used_bytes()
             if gpu is not None:
                 self.gpu_peak = max(self.gpu_peak or 0, gpu)
+            tick += 1
             time.sleep(self.every)
 
 
@@ -178,7 +186,7 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
            "round_seconds": [float(r["seconds"]) for r in rounds], "train_seconds": [float(r["train_seconds"]) for r in rounds],
            "wall": round(wall, 1), "examples_per_s": round(examples / seconds, 1), "train_examples_per_s": round(steady, 1),
            "efficiency": round(examples / seconds / can, 3), "train_efficiency": round(steady / can, 3),
-           "peak_rss_mb": round(peak.peak / 2**20),
+           "peak_rss_mb": round(peak.peak / 2**20), "peak_pss_mb": round(peak.pss_peak / 2**20),
            "peak_gpu_mb": None if peak.gpu_peak is None else round(peak.gpu_peak / 2**20),
            "gpu_before_mb": None if gpu_before is None else round(gpu_before / 2**20), "accuracy": float(rounds[-1].get("accuracy") or "nan")}
     console.print(row)
@@ -247,14 +255,17 @@ def main() -> None:
             results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
     table = Table(title=f"scale vs this run's bare loop (load {results['load_before'][0]:.1f})")
     for column in ("model", "run", "per round", "ex/s train", "eff. train", "ex/s rounds", "eff. rounds",
-                   "peak MB", "x first", "GPU MB", "accuracy"):
+                   "RSS MB", "x first", "PSS MB", "x first", "GPU MB", "accuracy"):
         table.add_column(column, justify="right")
     for r in results["runs"]:
         first = next((f for f in results["runs"] if f["model"] == r["model"] and f["run"].startswith("clients=")), None)
-        ratio = r["peak_rss_mb"] / first["peak_rss_mb"] if first and r["run"] != "default" else float("nan")
+        vs_first = first is not None and r["run"] != "default"
+        rss = r["peak_rss_mb"] / first["peak_rss_mb"] if vs_first else float("nan")
+        pss = r["peak_pss_mb"] / first["peak_pss_mb"] if vs_first and first["peak_pss_mb"] else float("nan")
         table.add_row(r["model"], r["run"], str(r["per_round"]), f"{r['train_examples_per_s']:.1f}",
                       f"{r['train_efficiency']:.2f}", f"{r['examples_per_s']:.1f}", f"{r['efficiency']:.2f}",
-                      str(r["peak_rss_mb"]), f"{ratio:.2f}", str(r.get("peak_gpu_mb") or "-"), f"{r['accuracy']:.3f}")
+                      str(r["peak_rss_mb"]), f"{rss:.2f}", str(r["peak_pss_mb"]), f"{pss:.2f}",
+                      str(r.get("peak_gpu_mb") or "-"), f"{r['accuracy']:.3f}")
     console.print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(results, indent=2))
