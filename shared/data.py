@@ -8,6 +8,7 @@ Partitioning uses flwr-datasets partitioners.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from functools import lru_cache
@@ -391,11 +392,42 @@ def _partitioner(cfg: FedConfig):
     return IidPartitioner(num_partitions=cfg.num_clients)
 
 
-@lru_cache(maxsize=4)
-def _partitioning(cfg_key: str, part_key: str) -> Partitioning:
-    cfg = FedConfig.from_run_config(json.loads(cfg_key) | json.loads(part_key))
-    train = load_federation(cfg).train
-    notes = []
+PARTITION_CACHE_VERSION = 1
+"""Bumped whenever the stored rows' layout changes, so an older cache entry is never read."""
+
+
+def _source_stamp(cfg: FedConfig) -> list:
+    """What identifies an owner's files on disk: path, size and modification time (a changed
+    file is a new cache entry); synthetic data is identified by its config alone."""
+    stamp = []
+    for path in (cfg.data, cfg.test_data):
+        if path:
+            st = Path(path).stat()
+            stamp.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
+    return stamp
+
+
+def _partition_rows(cfg: FedConfig, cfg_key: str) -> tuple[Dataset, list[str]]:
+    """The training rows the partitioner cuts, memory-mapped from an Arrow copy in the cache.
+
+    Every simulation process needs them, but a worker only reads the rows of the clients it
+    serves: mapped from one file they sit once in the page cache and only the touched pages
+    count against a worker, where an in-memory copy per process cost 125 MB each at 500,000
+    rows. The driver writes the file (its preflight partitions first); a worker that finds
+    none, or a torn one, rebuilds it from the data, and a cache that cannot be written only
+    costs the in-memory copy."""
+    import hashlib
+    import shutil
+
+    from shared.cache import cache_dir
+
+    key = json.dumps([PARTITION_CACHE_VERSION, cfg_key, cfg.partition_by, _source_stamp(cfg)])
+    folder = cache_dir("partitions", hashlib.sha256(key.encode()).hexdigest()[:32])
+    try:
+        return datasets.load_from_disk(str(folder / "rows")), json.loads((folder / "notes.json").read_text())
+    except (OSError, ValueError):  # not built yet, or torn: (re)build it
+        shutil.rmtree(folder, ignore_errors=True)  # complete entries appear by rename, whole
+    train, notes = load_federation(cfg).train, []
     if cfg.partition_by:
         source = cfg.data or "synthetic data"
         check_columns(train, source, cfg.partition_by)
@@ -407,19 +439,39 @@ def _partitioning(cfg_key: str, part_key: str) -> Partitioning:
             notes.append(f"{int(missing.sum())} rows without a {cfg.partition_by!r} value were left out")
             train = train[~missing]
     table = train.astype({c: str for c in train.columns if c != "label"}).reset_index(drop=True)
+    rows = Dataset.from_pandas(table, preserve_index=False)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    try:
+        rows.save_to_disk(str(tmp / "rows"))
+        (tmp / "notes.json").write_text(json.dumps(notes))
+        tmp.rename(folder)
+    except OSError:  # another process finished first, or no writable cache: keep what is there
+        shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        return datasets.load_from_disk(str(folder / "rows")), notes
+    except (OSError, ValueError):
+        return rows, notes
+
+
+@lru_cache(maxsize=4)
+def _partitioning(cfg_key: str, part_key: str) -> Partitioning:
+    cfg = FedConfig.from_run_config(json.loads(cfg_key) | json.loads(part_key))
+    rows, notes = _partition_rows(cfg, cfg_key)
     partitioner = _partitioner(cfg)
-    partitioner.dataset = Dataset.from_pandas(table, preserve_index=False)
+    partitioner.dataset = rows
     if cfg.partition_by:
+        import pyarrow.compute as pc
+
         names = [str(partitioner.partition_id_to_natural_id[i]) for i in range(partitioner.num_partitions)]
-        counts = table[cfg.partition_by].value_counts()
-        sizes = [int(counts[n]) for n in names]
+        counts = {str(v["values"]): int(v["counts"]) for v in pc.value_counts(rows.data.column(cfg.partition_by)).to_pylist()}
+        sizes = [counts[n] for n in names]
     else:
         names = [f"partition-{i}" for i in range(partitioner.num_partitions)]
         sizes = []
-        if isinstance(partitioner, IidPartitioner) and len(table) >= partitioner.num_partitions:
+        if isinstance(partitioner, IidPartitioner) and len(rows) >= partitioner.num_partitions:
             # contiguous equal shards (datasets' `shard`): sizes by arithmetic, not by cutting
             # each of thousands of partitions (4 ms each, in every worker process)
-            div, mod = divmod(len(table), partitioner.num_partitions)
+            div, mod = divmod(len(rows), partitioner.num_partitions)
             sizes = [div + (i < mod) for i in range(partitioner.num_partitions)]
         for i in range(len(sizes), partitioner.num_partitions):
             try:

@@ -110,3 +110,59 @@ def test_dp_training_on_the_frozen_prefix_moves_the_full_models_adapter():
     hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
     assert hooks == 0
     load_trainable_state(model, before)
+
+
+def _fresh_partitioning(monkeypatch, tmp_path):
+    """A process that has not partitioned yet (the lru caches are per process), with its own cache folder."""
+    from shared import data
+
+    monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
+    data._partitioning.cache_clear()
+    data._load.cache_clear()
+    return data
+
+
+def test_workers_read_partitions_memory_mapped_without_loading_the_federation(monkeypatch, tmp_path):
+    """The first process writes the rows to the cache; a later one (a simulation worker)
+    cuts the same partitions from the memory-mapped file without ever building the
+    federation's in-memory copy, and the partitions are row for row the first one's."""
+    data = _fresh_partitioning(monkeypatch, tmp_path)
+    path = _owners_file(tmp_path, {"a": 60, "b": 45, "c": 30}, missing=4)
+    cfg = FedConfig(model="tiny-bert", data=path, test_data=path, partition_by="store")
+    first = [client_partition(cfg, pid) for pid in range(3)]
+    notes = partitioning(cfg).notes
+    assert partitioning(cfg).partitioner.dataset.cache_files  # served from the file, not from memory
+
+    data._partitioning.cache_clear()
+    data._load.cache_clear()
+    monkeypatch.setattr(data, "_load", lambda key: pytest.fail("a worker loaded the whole federation"))
+    again = [client_partition(cfg, pid) for pid in range(3)]
+    for a, b in zip(first, again):
+        pd.testing.assert_frame_equal(a, b)
+    assert partitioning(cfg).notes == notes and sorted(partitioning(cfg).sizes) == [30, 45, 60]
+
+
+def test_a_changed_owner_file_or_a_torn_cache_is_partitioned_afresh(monkeypatch, tmp_path):
+    """The cache is keyed by the data file's size and modification time: new rows at the same
+    path are never served from the old file; a torn cache entry is rebuilt, not trusted."""
+    import os
+    import shutil
+
+    data = _fresh_partitioning(monkeypatch, tmp_path)
+    path = _owners_file(tmp_path, {"a": 40, "b": 30})
+    cfg = FedConfig(model="tiny-bert", data=path, test_data=path, partition_by="store")
+    assert sorted(partitioning(cfg).sizes) == [30, 40]
+
+    frame = pd.read_csv(path)
+    pd.concat([frame, frame[frame["store"] == "a"]]).to_csv(path, index=False)
+    os.utime(path, ns=(1, 2))  # even with an older modification time: the size differs
+    data._partitioning.cache_clear()
+    data._load.cache_clear()
+    assert sorted(partitioning(cfg).sizes) == [30, 80]
+
+    for entry in (tmp_path / "cache" / "partitions").iterdir():
+        shutil.rmtree(entry / "rows")  # torn: the notes remain, the rows are gone
+    data._partitioning.cache_clear()
+    data._load.cache_clear()
+    assert sorted(partitioning(cfg).sizes) == [30, 80]
+    assert partitioning(cfg).partitioner.dataset.cache_files  # and the cache entry is whole again
