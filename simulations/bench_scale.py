@@ -225,6 +225,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["minilm"], help="e.g. minilm smollm2-135m")
     parser.add_argument("--examples", type=int, default=50, help="rows per virtual client")
     parser.add_argument("--per-round", type=int, default=10, help="clients sampled per round (at least 1%%)")
+    parser.add_argument("--one-percent", action=argparse.BooleanOptionalAction, default=True,
+                        help="sample at least 1%% of the clients a round (--no-one-percent: exactly --per-round, "
+                             "to see memory against the number of clients alone)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--bare-rows", type=int, default=1200, help="rows the bare loop trains on (fewer for a large model on CPU)")
     parser.add_argument("--default", action="store_true", help="also the default 6-owner simulation")
@@ -248,7 +251,7 @@ def main() -> None:
             console.print(f"{model}: bare loop, {where}: {bare_default:.1f} examples/s at the default owners' batch")
             results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
         for n in args.clients:
-            per_round = max(args.per_round, math.ceil(n / 100))
+            per_round = max(args.per_round, math.ceil(n / 100)) if args.one_percent else min(args.per_round, n)
             rows = n * args.examples
             cfg = base.replace(num_clients=n, partition_by="", partition="iid", fraction=per_round / n, brands=6,
                                examples_per_brand=math.ceil(rows / 6), output=str(out / model / f"clients-{n}"))
