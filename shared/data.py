@@ -330,18 +330,17 @@ class FederatedData:
 
 
 @lru_cache(maxsize=4)
-def _load(cfg_key: str) -> FederatedData:
-    cfg = FedConfig.from_run_config(json.loads(cfg_key))
+def _rows(rows_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train and test rows, read or generated once per process whatever `--labels` says."""
+    cfg = FedConfig.from_run_config(json.loads(rows_key))
     if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
         test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
         train = test.iloc[0:0]
-        labels = cfg.label_names or (derive_labels(test) if "label" in test.columns else [])
     elif not cfg.data:
         generate = {"click": synthetic_clicks, "generate": synthetic_copy}.get(cfg.task, synthetic_federation)
         train, test = generate(cfg.brands, cfg.examples_per_brand, cfg.test_size, cfg.seed)
         synthetic = FedConfig(task=cfg.task)  # the generators write the default column names
         train, test = normalize(train, synthetic, "synthetic data"), normalize(test, synthetic, "synthetic data")
-        labels = SYNTHETIC_LABELS if cfg.task == "classify" else None
     else:
         train = normalize(read_table(cfg.data), cfg, cfg.data)
         if cfg.test_data:
@@ -349,20 +348,35 @@ def _load(cfg_key: str) -> FederatedData:
         else:
             test = train.sample(frac=0.2, random_state=cfg.seed)
             train = train.drop(test.index)
-        labels = cfg.label_names or (derive_labels(train) if "label" in train.columns else [])
+    return train.reset_index(drop=True), test.reset_index(drop=True)
+
+
+@lru_cache(maxsize=4)
+def _load(cfg_key: str) -> FederatedData:
+    cfg = FedConfig.from_run_config(json.loads(cfg_key))
+    train, test = _rows(_data_key(cfg, rows_only=True))
+    if not cfg.data and not cfg.test_data:
+        labels = SYNTHETIC_LABELS if cfg.task == "classify" else None
+    else:
+        source = train if cfg.data else test  # deployment: only the test file is here
+        labels = cfg.label_names or (derive_labels(source) if "label" in source.columns else [])
     task = get_task(cfg)
     labels = list(task.labels if task.labels is not None else labels)  # a fixed label set (click: 0/1; generate: none)
     unknown = sorted(set(test["label"]) - set(labels)) if "label" in test.columns else []
     if unknown:
         raise FedLoraError(f"test data has labels the training data lacks: {', '.join(unknown[:5])}")
-    return FederatedData(train.reset_index(drop=True), test.reset_index(drop=True), labels)
+    return FederatedData(train, test, labels)
 
 
-def _data_key(cfg: FedConfig) -> str:
+def _data_key(cfg: FedConfig, rows_only: bool = False) -> str:
+    """What the loaded data depends on. `rows_only`: the training rows alone, which `--labels`
+    does not change (it only names and orders the label set): the server runs with the label
+    set filled in, and must still find the partitions, their cache file and the rows it
+    already loaded, rather than load the federation a second time."""
     keys = ("task", "data", "test_data", "text_column", "label_column", "profile_column", "offer_column", "prompt_column",
             "response_column", "labels", "brands",
             "examples_per_brand", "test_size", "seed")
-    return json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    return json.dumps({k: getattr(cfg, k) for k in keys if not (rows_only and k == "labels")}, sort_keys=True)
 
 
 def load_federation(cfg: FedConfig) -> FederatedData:
@@ -427,7 +441,7 @@ def _partition_rows(cfg: FedConfig, cfg_key: str) -> tuple[Dataset, list[str]]:
         return datasets.load_from_disk(str(folder / "rows")), json.loads((folder / "notes.json").read_text())
     except (OSError, ValueError):  # not built yet, or torn: (re)build it
         shutil.rmtree(folder, ignore_errors=True)  # complete entries appear by rename, whole
-    train, notes = load_federation(cfg).train, []
+    train, notes = _rows(cfg_key)[0], []
     if cfg.partition_by:
         source = cfg.data or "synthetic data"
         check_columns(train, source, cfg.partition_by)
@@ -492,12 +506,12 @@ def _partitioning(cfg_key: str, part_key: str) -> Partitioning:
 def partitioning(cfg: FedConfig) -> Partitioning:
     key = json.dumps({"partition_by": cfg.partition_by, "partition": cfg.partition, "num_clients": cfg.num_clients,
                       "min_client_examples": cfg.min_client_examples}, sort_keys=True)
-    return _partitioning(_data_key(cfg), key)
+    return _partitioning(_data_key(cfg, rows_only=True), key)
 
 
 def num_partitions(cfg: FedConfig) -> int:
     """Virtual clients of a simulation; in deployment (no training data here) the configured count."""
-    if load_federation(cfg).train.empty:
+    if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
         return cfg.num_clients
     return len(partitioning(cfg).kept)
 

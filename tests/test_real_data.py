@@ -117,9 +117,13 @@ def _fresh_partitioning(monkeypatch, tmp_path):
     from shared import data
 
     monkeypatch.setenv("FEDLORA_CACHE", str(tmp_path / "cache"))
-    data._partitioning.cache_clear()
-    data._load.cache_clear()
+    _clear(data)
     return data
+
+
+def _clear(data):
+    for cached in (data._partitioning, data._load, data._rows):
+        cached.cache_clear()
 
 
 def test_workers_read_partitions_memory_mapped_without_loading_the_federation(monkeypatch, tmp_path):
@@ -133,9 +137,8 @@ def test_workers_read_partitions_memory_mapped_without_loading_the_federation(mo
     notes = partitioning(cfg).notes
     assert partitioning(cfg).partitioner.dataset.cache_files  # served from the file, not from memory
 
-    data._partitioning.cache_clear()
-    data._load.cache_clear()
-    monkeypatch.setattr(data, "_load", lambda key: pytest.fail("a worker loaded the whole federation"))
+    _clear(data)
+    monkeypatch.setattr(data, "_rows", lambda key: pytest.fail("a worker loaded the whole federation"))
     again = [client_partition(cfg, pid) for pid in range(3)]
     for a, b in zip(first, again):
         pd.testing.assert_frame_equal(a, b)
@@ -156,13 +159,37 @@ def test_a_changed_owner_file_or_a_torn_cache_is_partitioned_afresh(monkeypatch,
     frame = pd.read_csv(path)
     pd.concat([frame, frame[frame["store"] == "a"]]).to_csv(path, index=False)
     os.utime(path, ns=(1, 2))  # even with an older modification time: the size differs
-    data._partitioning.cache_clear()
-    data._load.cache_clear()
+    _clear(data)
     assert sorted(partitioning(cfg).sizes) == [30, 80]
 
     for entry in (tmp_path / "cache" / "partitions").iterdir():
         shutil.rmtree(entry / "rows")  # torn: the notes remain, the rows are gone
-    data._partitioning.cache_clear()
-    data._load.cache_clear()
+    _clear(data)
     assert sorted(partitioning(cfg).sizes) == [30, 80]
     assert partitioning(cfg).partitioner.dataset.cache_files  # and the cache entry is whole again
+
+
+def test_the_server_with_its_label_set_filled_in_reuses_the_rows_and_partitions(monkeypatch, tmp_path):
+    """The server runs with --labels set to the label set it derived. That names the same
+    rows: it must not load the federation a second time (a second 125 MB copy at 500,000
+    rows) nor cut a second set of partitions, and an explicit label set that names a label
+    only the test file has is still accepted."""
+    import json
+
+    data = _fresh_partitioning(monkeypatch, tmp_path)
+    loads = []
+    rows = data._rows.__wrapped__
+    monkeypatch.setattr(data, "_rows", __import__("functools").lru_cache(maxsize=4)(lambda key: loads.append(key) or rows(key)))
+    path = _owners_file(tmp_path, {"a": 40, "b": 30})
+    cfg = FedConfig(model="tiny-bert", data=path, test_data=path, partition_by="store")
+    fed = data.load_federation(cfg)
+    named = cfg.replace(labels=json.dumps(fed.labels))
+    assert data.load_federation(named).labels == fed.labels
+    assert partitioning(named) is partitioning(cfg) and num_partitions(named) == 2
+    assert len(loads) == 1
+
+    test_only = tmp_path / "test.csv"
+    frame = pd.read_csv(path)
+    pd.concat([frame, frame.head(1).assign(label="meh")]).to_csv(test_only, index=False)
+    wider = FedConfig(model="tiny-bert", data=path, test_data=str(test_only), partition_by="store", labels=json.dumps(["neg", "pos", "meh"]))
+    assert data.load_federation(wider).labels == ["neg", "pos", "meh"] and num_partitions(wider) == 2
