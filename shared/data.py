@@ -324,14 +324,21 @@ def derive_labels(train: pd.DataFrame) -> list[str]:
 
 @dataclass
 class FederatedData:
-    train: pd.DataFrame  # the whole federation's training data (simulation only)
     test: pd.DataFrame
     labels: list[str]
+    rows_key: str
+
+    @property
+    def train(self) -> pd.DataFrame:
+        """The whole federation's training rows (simulation only), read or generated again on
+        each access and not kept: the server needs only the test rows, and the clients cut
+        their partitions from the memory-mapped copy (`_partition_rows`), so no process holds
+        a second copy of every owner's data for the whole run."""
+        return _rows(self.rows_key)[0]
 
 
-@lru_cache(maxsize=4)
 def _rows(rows_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The train and test rows, read or generated once per process whatever `--labels` says."""
+    """The train and test rows, whatever `--labels` says; not cached (see `FederatedData.train`)."""
     cfg = FedConfig.from_run_config(json.loads(rows_key))
     if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
         test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
@@ -354,7 +361,8 @@ def _rows(rows_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 @lru_cache(maxsize=4)
 def _load(cfg_key: str) -> FederatedData:
     cfg = FedConfig.from_run_config(json.loads(cfg_key))
-    train, test = _rows(_data_key(cfg, rows_only=True))
+    rows_key = _data_key(cfg, rows_only=True)
+    train, test = _rows(rows_key)
     if not cfg.data and not cfg.test_data:
         labels = SYNTHETIC_LABELS if cfg.task == "classify" else None
     else:
@@ -365,7 +373,7 @@ def _load(cfg_key: str) -> FederatedData:
     unknown = sorted(set(test["label"]) - set(labels)) if "label" in test.columns else []
     if unknown:
         raise FedLoraError(f"test data has labels the training data lacks: {', '.join(unknown[:5])}")
-    return FederatedData(train, test, labels)
+    return FederatedData(test, labels, rows_key)
 
 
 def _data_key(cfg: FedConfig, rows_only: bool = False) -> str:

@@ -127,7 +127,8 @@ def _bare_rate(cfg: FedConfig, client_rows: int, rows: int) -> float:
 
     fed = load_federation(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    frame = fed.train.sample(n=min(rows, len(fed.train)), random_state=0)
+    train = fed.train  # generated on each access, not kept
+    frame = train.sample(n=min(rows, len(train)), random_state=0)
     length = choose_max_length(client_partition(cfg, 0), tokenizer, cfg, model)
     dataset = encode(frame, fed.labels, tokenizer, length, task=cfg.task, model=model)
     batch = plan_privacy(cfg, client_rows).batch_size
