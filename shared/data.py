@@ -337,10 +337,15 @@ class FederatedData:
         return _rows(self.rows_key)[0]
 
 
+def _test_file_only(cfg: FedConfig) -> bool:
+    """Deployment: the server holds only a held-out test file; the owners keep the training rows."""
+    return not cfg.data and bool(cfg.test_data)
+
+
 def _rows(rows_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The train and test rows, whatever `--labels` says; not cached (see `FederatedData.train`)."""
     cfg = FedConfig.from_run_config(json.loads(rows_key))
-    if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
+    if _test_file_only(cfg):
         test = normalize(read_table(cfg.test_data), cfg, cfg.test_data)
         train = test.iloc[0:0]
     elif not cfg.data:
@@ -366,7 +371,7 @@ def _load(cfg_key: str) -> FederatedData:
     if not cfg.data and not cfg.test_data:
         labels = SYNTHETIC_LABELS if cfg.task == "classify" else None
     else:
-        source = train if cfg.data else test  # deployment: only the test file is here
+        source = test if _test_file_only(cfg) else train
         labels = cfg.label_names or (derive_labels(source) if "label" in source.columns else [])
     task = get_task(cfg)
     labels = list(task.labels if task.labels is not None else labels)  # a fixed label set (click: 0/1; generate: none)
@@ -519,7 +524,7 @@ def partitioning(cfg: FedConfig) -> Partitioning:
 
 def num_partitions(cfg: FedConfig) -> int:
     """Virtual clients of a simulation; in deployment (no training data here) the configured count."""
-    if not cfg.data and cfg.test_data:  # deployment: the server holds only a held-out test file
+    if _test_file_only(cfg):
         return cfg.num_clients
     return len(partitioning(cfg).kept)
 

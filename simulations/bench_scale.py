@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,15 +47,28 @@ from simulations.bench_accuracy import _config
 from shared.quiet import offline_and_quiet
 
 
-def gpu_used_bytes() -> int | None:
-    """Memory in use on the first GPU, by every process on it (Ray's workers hold their own
-    CUDA contexts, which no allocator statistic in this process sees); None without a GPU."""
+@functools.lru_cache(maxsize=1)
+def _first_gpu():
+    """NVML's handle of the first GPU, opened once; None without NVML or a GPU."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+        return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
     except Exception:  # no NVML library or no GPU: the CPU runs report no GPU memory
+        return None
+
+
+def gpu_used_bytes() -> int | None:
+    """Memory in use on the first GPU, by every process on it (Ray's workers hold their own
+    CUDA contexts, which no allocator statistic in this process sees); None without a GPU."""
+    gpu = _first_gpu()
+    if gpu is None:
+        return None
+    nvml, handle = gpu
+    try:
+        return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
+    except nvml.NVMLError:
         return None
 
 
