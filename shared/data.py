@@ -639,6 +639,6 @@ def trim_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     keep = attention_mask.bool().any(0)
     if not bool(keep.any()):
         keep[0] = True
-    if labels.dim() == 2 and labels.shape == input_ids.shape:
+    if labels.dim() == 2 and labels.shape == attention_mask.shape:
         labels = labels[:, keep]
     return input_ids[:, keep], attention_mask[:, keep], labels

@@ -9,8 +9,10 @@ backward pass. Opacus then wraps only the top module: the per-example gradients 
 clips are exactly those of the full model's trainable tensors, which are the same
 Parameter objects, so the adapter state that travels is unchanged.
 
-Supported for BERT-family encoders (all-MiniLM-L6-v2, tiny-bert); other models use the
-full model (`split_layer` returns None).
+Supported for BERT-family encoders (all-MiniLM-L6-v2, tiny-bert) and Llama-family
+decoders (smollm2-135m, tiny-llama; causal attention, so a token's hidden state below the
+adapters depends only on the tokens before it); other models use the full model
+(`split_layer` returns None).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from transformers.masking_utils import create_bidirectional_mask
-from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
 from shared.data import trim_padding
 
 _CACHE: OrderedDict[str, TensorDataset] = OrderedDict()
 CACHE_ENTRIES = 64
+CACHE_BYTES = 1 << 30  # a decoder's hidden states are large: 35 MB for 120 rows of 128 tokens at width 576
 
 
 def _classifier_model(model: nn.Module) -> nn.Module:
@@ -36,13 +39,35 @@ def _classifier_model(model: nn.Module) -> nn.Module:
     return inner
 
 
+DECODER_TYPES = ("llama",)
+"""Decoders whose forward is embeddings, rotary positions, a causal mask and a plain stack
+of layers: the split below reproduces it exactly (tests compare the logits)."""
+
+
+def _decoder(inner: nn.Module) -> nn.Module | None:
+    """The decoder stack of a causal LM that `DecoderTop` can split, else None."""
+    decoder = getattr(inner, "model", None)
+    if getattr(inner.config, "model_type", None) not in DECODER_TYPES or decoder is None:
+        return None
+    if not all(hasattr(decoder, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    return decoder
+
+
+def _layers(inner: nn.Module) -> nn.ModuleList | None:
+    bert = getattr(inner, "bert", None)
+    if bert is not None and not getattr(inner.config, "is_decoder", False):
+        return bert.encoder.layer
+    decoder = _decoder(inner)
+    return decoder.layers if decoder is not None else None
+
+
 def split_layer(model: nn.Module, lora_layers: int) -> int | None:
     """Index of the first adapted layer when the layers below it can be precomputed."""
-    inner = _classifier_model(model)
-    bert = getattr(inner, "bert", None)
-    if bert is None or lora_layers <= 0 or getattr(inner.config, "is_decoder", False):
+    layers = _layers(_classifier_model(model))
+    if layers is None or lora_layers <= 0:
         return None
-    total = len(bert.encoder.layer)
+    total = len(layers)
     if lora_layers >= total:
         return None
     return total - lora_layers
@@ -77,27 +102,84 @@ class EncoderTop(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
+def _run_decoder(decoder: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                 layers) -> torch.Tensor:
+    """`layers` of a Llama-style decoder on `hidden_states`, as its own forward runs them
+    (positions 0..L-1: `encode` pads on the right)."""
+    position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+    mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden_states, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids)
+    position_embeddings = decoder.rotary_emb(hidden_states, position_ids=position_ids)
+    for layer in layers:
+        hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
+                              position_ids=position_ids)
+    return hidden_states
+
+
+class DecoderTop(nn.Module):
+    """The top layers, final norm and vocabulary projection of a Llama-style causal LM,
+    fed with precomputed hidden states.
+
+    Called as the decoder is (`get_decoder()(input_ids=hidden, attention_mask=)` gives the
+    last hidden state, `get_output_embeddings()` the projection), so a task's loss runs on
+    it unchanged; it holds the model's own modules, so training it trains the model.
+    """
+
+    def __init__(self, model: nn.Module, start: int) -> None:
+        super().__init__()
+        inner = _classifier_model(model)
+        decoder = _decoder(inner)
+        self.config = inner.config
+        self.layers = nn.ModuleList(decoder.layers[start:])
+        self.norm = decoder.norm
+        self.rotary_emb = decoder.rotary_emb
+        self.lm_head = inner.get_output_embeddings()
+
+    def get_decoder(self) -> nn.Module:
+        return self
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_) -> BaseModelOutput:
+        hidden = _run_decoder(self, input_ids.float(), attention_mask, self.layers)
+        return BaseModelOutput(last_hidden_state=self.norm(hidden))
+
+
+def _prefix(inner: nn.Module, ids: torch.Tensor, mask: torch.Tensor, start: int) -> torch.Tensor:
+    """Hidden states entering layer `start` for one batch of tokens."""
+    decoder = _decoder(inner)
+    if decoder is not None:
+        return _run_decoder(decoder, decoder.embed_tokens(ids), mask, decoder.layers[:start])
+    bert, layers = inner.bert, inner.bert.encoder.layer
+    try:
+        bert.encoder.layer = nn.ModuleList(layers[:start])
+        return bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        bert.encoder.layer = layers
+
+
 @torch.no_grad()
 def _features(model: nn.Module, dataset: TensorDataset, start: int, batch_size: int = 64) -> TensorDataset:
     inner = _classifier_model(model)
-    bert = inner.bert
     input_ids, attention_mask, labels = dataset.tensors
     was_training = model.training
     model.eval()
     hidden = torch.zeros(*input_ids.shape, inner.config.hidden_size)
     order = torch.argsort(attention_mask.sum(1))  # similar lengths together: less padding to compute
-    layers = bert.encoder.layer
     device = next(model.parameters()).device
     try:
-        bert.encoder.layer = nn.ModuleList(layers[:start])
         for chunk in order.split(batch_size):
             ids, mask = trim_padding(input_ids[chunk], attention_mask[chunk])
-            out = bert(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            hidden[chunk, : ids.shape[1]] = out.cpu()  # the cache stays in host memory
+            out = _prefix(inner, ids.to(device), mask.to(device), start)
+            hidden[chunk, : ids.shape[1]] = out.float().cpu()  # the cache stays in host memory
     finally:
-        bert.encoder.layer = layers
         model.train(was_training)
     return TensorDataset(hidden, attention_mask, labels)
+
+
+def _cache_bytes() -> int:
+    return sum(t.numel() * t.element_size() for entry in _CACHE.values() for t in entry.tensors)
 
 
 def prefix_features(model: nn.Module, dataset: TensorDataset, start: int, key: str) -> TensorDataset:
@@ -117,7 +199,7 @@ def prefix_features(model: nn.Module, dataset: TensorDataset, start: int, key: s
         return _CACHE[full_key]
     features = _features(model, dataset, start)
     _CACHE[full_key] = features
-    while len(_CACHE) > CACHE_ENTRIES:
+    while len(_CACHE) > 1 and (len(_CACHE) > CACHE_ENTRIES or _cache_bytes() > CACHE_BYTES):
         _CACHE.popitem(last=False)
     return features
 
@@ -128,4 +210,5 @@ def training_view(model: nn.Module, dataset: TensorDataset, lora_layers: int, ke
     start = split_layer(model, lora_layers)
     if start is None:
         return model, dataset
-    return EncoderTop(model, start), prefix_features(model, dataset, start, key)
+    top = DecoderTop if _decoder(_classifier_model(model)) is not None else EncoderTop
+    return top(model, start), prefix_features(model, dataset, start, key)

@@ -258,3 +258,38 @@ def test_predict_refuses_a_generate_checkpoint(run, tmp_path, capsys):
     synthetic_copy(2, 8, 4, seed=0)[1].to_csv(tmp_path / "t.csv", index=False)
     assert main(["predict", "--checkpoint", str(out), "--data", str(tmp_path / "t.csv"), "--output", str(tmp_path / "s.csv")]) == 2
     assert "use fedlora generate" in capsys.readouterr().err
+
+
+def test_frozen_prefix_of_a_decoder_gives_the_full_models_perplexity(gen_cfg):
+    """--lora-layers on a Llama: the layers below the adapters run once; the top reproduces the
+    full model's response NLL, and a DP step on the top moves the full model's adapter (opacus#820)."""
+    from client.privacy import PrivacyLedger, plan_privacy
+    from client.trainer import train_local
+    from shared.frozen_prefix import DecoderTop, split_layer, training_view
+    from shared.lora import load_trainable_state, trainable_state
+
+    cfg = gen_cfg.replace(lora_layers=1)
+    model, tokenizer = build_model(cfg, 0)
+    assert split_layer(model, 1) == model.config.num_hidden_layers - 1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    fed = load_federation(cfg)
+    data = encode(fed.test, [], tokenizer, 128, task="generate", model=model)
+    full = evaluate(model, data, 0, task="generate")
+    top, features = training_view(model, data, 1, "test")
+    assert isinstance(top, DecoderTop) and features.tensors[0].dim() == 3
+    cached = evaluate(top, features, 0, task="generate")
+    assert cached["perplexity"] == pytest.approx(full["perplexity"], rel=1e-4)
+    assert cached["response_tokens"] == full["response_tokens"]
+
+    before = trainable_state(model)
+    train = encode(fed.train.head(32), [], tokenizer, 128, task="generate", model=model)
+    train_local(model, train, cfg, PrivacyLedger(cfg.delta, cfg.target_epsilon), plan_privacy(cfg, len(train)), 1)
+    after = trainable_state(model)
+    moved = [k for k in before if not torch.equal(torch.as_tensor(before[k]), torch.as_tensor(after[k]))]
+    top_layer = f"layers.{model.config.num_hidden_layers - 1}."
+    assert moved and all(top_layer in k and "lora_B" in k for k in moved)
+    assert sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules()) == 0
+    load_trainable_state(model, before)
