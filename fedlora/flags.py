@@ -49,11 +49,13 @@ def config_from_args(args: argparse.Namespace) -> FedConfig:
     values = {f.name: getattr(args, f.name) for f in fields(FedConfig)
               if f.name not in _SPECIAL and getattr(args, f.name, None) is not None}
     values["dp"], values["secure_agg"] = args.dp, args.secure_agg
-    if getattr(args, "model", None) is None and values.get("task"):  # each task has its default model
+    if values.get("task"):  # each task's own starting settings, where no flag was given
         from shared.tasks import TASKS, get_task
 
         if values["task"] in TASKS:
-            values["model"] = get_task(values["task"]).default_model
+            for name, value in get_task(values["task"]).defaults.items():
+                if getattr(args, name, None) is None:
+                    values[name] = value
     cfg = FedConfig(**values)
     explicit_split = args.partition_by is not None or args.partition is not None
     num_clients = args.num_clients

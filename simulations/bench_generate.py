@@ -17,13 +17,18 @@ from pathlib import Path
 from shared.quiet import offline_and_quiet
 from simulations.bench_accuracy import _config
 
-DEFAULTS = dict(task="generate", model="smollm2-135m", brands=3, num_clients=3, examples_per_brand=120, test_size=45,
-                rounds=2, batch_size=24, lr=0.02, lora_layers=4, target_epsilon=8.0, output="runs/bench-generate")
+DEFAULTS = dict(task="generate", brands=3, num_clients=3, examples_per_brand=120, test_size=45, rounds=2, batch_size=24,
+                lora_layers=4, target_epsilon=8.0, output="runs/bench-generate")
+"""The federation (small, for a 2-core CPU: the frozen bottom 26 layers run once per owner);
+the recipe (model, clipping norm, rate) is the task's own default (shared/tasks/generate.py)."""
 
 
 def main(argv: list[str]) -> dict:
     offline_and_quiet()
-    cfg = _config([f"{k}={v}" for k, v in DEFAULTS.items()] + argv)  # an override wins
+    from shared.tasks.generate import TASK
+
+    settings = {**TASK.defaults, **DEFAULTS}
+    cfg = _config([f"{k}={v}" for k, v in settings.items()] + argv)  # an override wins
     from server.report import epsilon_max
     from shared.data import choose_max_length, encode, load_federation
     from shared.evaluation import evaluate
@@ -41,7 +46,7 @@ def main(argv: list[str]) -> dict:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     summary = simulate(cfg)
     tuned = summary["final"]
-    result = {"config": {k: getattr(cfg, k) for k in DEFAULTS}, "base_perplexity": base["perplexity"],
+    result = {"config": {k: getattr(cfg, k) for k in settings}, "base_perplexity": base["perplexity"],
               "tuned_perplexity": tuned["perplexity"], "ratio": tuned["perplexity"] / base["perplexity"],
               "reduction": 1 - tuned["perplexity"] / base["perplexity"], "epsilon_max": epsilon_max(summary),
               "rounds": [{"round": r["round"], "perplexity": r["perplexity"]} for r in summary["rounds"]],

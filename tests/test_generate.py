@@ -107,13 +107,18 @@ def test_generate_bad_input_is_one_clear_error(gen_cfg):
         load_base_model("minilm", 0, 0, task="generate")
 
 
-def test_generate_takes_its_default_model_from_the_task():
+def test_generate_takes_its_default_model_and_dp_recipe_from_the_task():
     from fedlora.cli import build_parser, config_from_args
+    from shared.tasks.generate import GENERATE_CLIP_NORM, GENERATE_LR
 
     parse = lambda *a: config_from_args(build_parser().parse_args(["simulate", *a]))  # noqa: E731
-    assert parse("--task", "generate").model == "smollm2-135m"
-    assert parse("--task", "generate", "--model", "tiny-llama").model == "tiny-llama"
-    assert parse().model == "minilm"
+    gen = parse("--task", "generate")
+    assert (gen.model, gen.max_grad_norm, gen.lr) == ("smollm2-135m", GENERATE_CLIP_NORM, GENERATE_LR)
+    assert GENERATE_CLIP_NORM < FedConfig().max_grad_norm
+    given = parse("--task", "generate", "--model", "tiny-llama", "--max-grad-norm", "0.5", "--lr", "0.01")
+    assert (given.model, given.max_grad_norm, given.lr) == ("tiny-llama", 0.5, 0.01)  # a flag always wins
+    plain = parse()
+    assert (plain.model, plain.max_grad_norm, plain.lr) == ("minilm", FedConfig().max_grad_norm, FedConfig().lr)
 
 
 def test_owner_gain_is_positive_when_the_federated_perplexity_is_lower():

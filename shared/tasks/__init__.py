@@ -35,7 +35,11 @@ class Task:
     reference: str = ""  # a trivial predictor's score, drawn as a dotted line
     labels: tuple[str, ...] | None = None  # a fixed label set; None: from the data or --labels
     per_class_recall: bool = False  # scores carry "recall" per label (table note, metrics.csv columns)
-    default_model: str = "minilm"  # the model when --model is not given
+    # FedConfig settings this task starts from when their flag is not given (the CLI's
+    # `simulate` and `server`; the server's run config carries them to every client).
+    # "model" is the task's default model; DP settings belong here when the task's
+    # gradients differ in kind from a classifier's (see shared/tasks/generate.py).
+    defaults: dict[str, Any] = field(default_factory=dict)
     # A generative task (a causal LM, `generate`) has no label set: its target is a text
     # column (normalized to "response"), labels are per token, and it brings its own
     # collate step, length count, evaluation and after-run samples; None: the shared ones.
@@ -47,6 +51,11 @@ class Task:
     after_run: Callable[..., Any] | None = None  # (model, tokenizer, test frame, output folder) after the last round
     loss_fn: Callable[..., Any] | None = None  # (model, input_ids, attention_mask, labels) -> loss; None: the head's
     higher_is_better: bool = True  # the headline's direction (perplexity: lower is better)
+
+    @property
+    def default_model(self) -> str:
+        """The model when --model is not given."""
+        return self.defaults.get("model", "minilm")
 
     def model_class(self) -> Any:
         import transformers

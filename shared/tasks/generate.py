@@ -27,6 +27,23 @@ import numpy as np
 from shared.tasks import Task
 
 SYSTEM = "You write marketing copy in the brand's voice."
+
+GENERATE_CLIP_NORM = 0.05
+"""DP clipping norm of a generative run: below every example's gradient, so each one is
+clipped (normalized, as automatic clipping does; Bu et al. 2023).
+
+The response NLL's per-example gradient on the adapter is about 0.2 in norm (smollm2-135m,
+top 4 layers, rank 4: 0.18-0.26); at the classifier's norm 1.0 nothing is clipped and
+DP noise of std sigma * 1.0 buries a mean gradient of 0.13. Adam's step does not depend on
+the gradient's scale, so a norm below the gradients changes only the noise: 4x less of it
+for the same noise multiplier and epsilon. Measured (bench_generate, epsilon 8, 2 rounds,
+4 local epochs, lr 0.3): held-out perplexity 0.73x the base model's at norm 1.0, 0.44x at
+0.05. The owner's policy (`--max-clip-norm`) caps the norm; a smaller one always passes."""
+
+GENERATE_LR = 0.3
+"""Adam's rate on B for a generative run (per round of 8 local steps, see
+client/trainer.py:adam_step_scale). Measured at norm 1.0, 4 local epochs: 0.02 -> 0.96x
+the base model's perplexity, 0.1 -> 0.87x, 0.3 -> 0.73x."""
 SAMPLES = 5  # test prompts whose greedy generations are written after the last round
 SAMPLE_TOKENS = 48
 
@@ -211,7 +228,7 @@ TASK = Task(
     higher_is_better=False,
     table={"perplexity": "perplexity", "loss": "NLL"},
     labels=(),
-    default_model="smollm2-135m",
+    defaults={"model": "smollm2-135m", "max_grad_norm": GENERATE_CLIP_NORM, "lr": GENERATE_LR},
     generative=True,
     target=lambda cfg: cfg.response_column,
     encode=encode,
