@@ -120,20 +120,20 @@ def capacity(cfg: FedConfig, bare: float) -> float:
     return bare * (cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus)))
 
 
-def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200) -> float:
+def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200, batch: int | None = None) -> float:
     """Examples per second of `train_local` on one core (one process on a GPU) at the batch a
-    `client_rows` owner uses."""
+    `client_rows` owner uses (or at `batch`)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one worker's share; restored below, or the server's evaluation
     try:  # in this process would run on one core too
-        return _bare_rate(cfg, client_rows, rows)
+        return _bare_rate(cfg, client_rows, rows, batch)
     finally:
         torch.set_num_threads(threads)
 
 
-def _bare_rate(cfg: FedConfig, client_rows: int, rows: int) -> float:
+def _bare_rate(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -> float:
     from client.privacy import PrivacyLedger, plan_privacy
     from client.trainer import train_local
     from shared.data import choose_max_length, client_partition, encode, load_federation
@@ -145,7 +145,7 @@ def _bare_rate(cfg: FedConfig, client_rows: int, rows: int) -> float:
     frame = train.sample(n=min(rows, len(train)), random_state=0)
     length = choose_max_length(client_partition(cfg, 0), tokenizer, cfg, model)
     dataset = encode(frame, fed.labels, tokenizer, length, task=cfg.task, model=model)
-    batch = plan_privacy(cfg, client_rows).batch_size
+    batch = batch or plan_privacy(cfg, client_rows).batch_size
     plan = dataclasses.replace(plan_privacy(cfg, len(dataset)), batch_size=batch)
     ledger = PrivacyLedger(cfg.delta, float("inf"))
     train_local(model, dataset, cfg, ledger, plan, server_round=cfg.head_rounds + 1)  # warm: caches, allocator
