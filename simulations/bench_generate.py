@@ -18,9 +18,9 @@ from shared.quiet import offline_and_quiet
 from simulations.bench_accuracy import _config
 
 DEFAULTS = dict(task="generate", brands=3, num_clients=3, examples_per_brand=120, test_size=45, rounds=2, batch_size=24,
-                lora_layers=4, target_epsilon=8.0, output="runs/bench-generate")
+                target_epsilon=8.0, output="runs/bench-generate")
 """The federation (small, for a 2-core CPU: the frozen bottom 26 layers run once per owner);
-the recipe (model, clipping norm, rate) is the task's own default (shared/tasks/generate.py)."""
+the recipe (model, clipping norm, rate, adapted layers) is the task's own default (shared/tasks/generate.py)."""
 
 
 def main(argv: list[str]) -> dict:

@@ -109,11 +109,12 @@ def test_generate_bad_input_is_one_clear_error(gen_cfg):
 
 def test_generate_takes_its_default_model_and_dp_recipe_from_the_task():
     from fedlora.cli import build_parser, config_from_args
-    from shared.tasks.generate import GENERATE_CLIP_NORM, GENERATE_LR
+    from shared.tasks.generate import GENERATE_CLIP_NORM, GENERATE_LORA_LAYERS, GENERATE_LR
 
     parse = lambda *a: config_from_args(build_parser().parse_args(["simulate", *a]))  # noqa: E731
     gen = parse("--task", "generate")
     assert (gen.model, gen.max_grad_norm, gen.lr) == ("smollm2-135m", GENERATE_CLIP_NORM, GENERATE_LR)
+    assert gen.lora_layers == GENERATE_LORA_LAYERS and parse("--task", "generate", "--lora-layers", "0").lora_layers == 0
     assert GENERATE_CLIP_NORM < FedConfig().max_grad_norm
     given = parse("--task", "generate", "--model", "tiny-llama", "--max-grad-norm", "0.5", "--lr", "0.01")
     assert (given.model, given.max_grad_norm, given.lr) == ("tiny-llama", 0.5, 0.01)  # a flag always wins
