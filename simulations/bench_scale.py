@@ -117,7 +117,9 @@ def capacity(cfg: FedConfig, bare: float) -> float:
 
     if _on_gpu(cfg):
         return bare * torch.cuda.device_count()
-    return bare * (cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus)))
+    from simulations.run import worker_slots
+
+    return bare * worker_slots(cfg)
 
 
 def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200, batch: int | None = None) -> float:

@@ -141,6 +141,12 @@ def workers_per_gpu(model_bytes: int, free_bytes: int, cpu_slots: int) -> int:
     return max(1, min(fit, cpu_slots))
 
 
+def worker_slots(cfg: FedConfig) -> int:
+    """Ray workers this machine runs: --workers, or as many as --client-cpus fits in its CPUs
+    (Ray's own count; a private instance gets workers x client_cpus CPUs)."""
+    return cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+
+
 def gpu_share(cfg: FedConfig) -> float:
     """Each Ray worker's share of a GPU: --client-gpus, or, when the models train on a GPU,
     one over `workers_per_gpu` of this machine's first GPU; 0 on the CPU."""
@@ -153,8 +159,7 @@ def gpu_share(cfg: FedConfig) -> float:
     model = cached_model(cfg, len(load_federation(cfg).labels))[0]  # preflight's model, cached
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     free, _ = torch.cuda.mem_get_info()
-    slots = int((cfg.workers or os.cpu_count() or 1) // cfg.client_cpus)
-    return 1.0 / workers_per_gpu(model_bytes, free, slots)
+    return 1.0 / workers_per_gpu(model_bytes, free, worker_slots(cfg))
 
 
 FORWARDED_ENV_PREFIXES = ("FEDLORA_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "MKL_", "MALLOC_")

@@ -52,3 +52,18 @@ def test_the_owner_not_the_server_chooses_where_its_agent_trains():
     server_asks = FedConfig(device="cuda")
     assert effective_config(server_asks, {"device": "cpu", "data-path": "x.csv"}).device == "cpu"
     assert effective_config(server_asks, {"partition-id": 0}).device == "cuda"  # simulation: the run's setting
+
+
+def test_worker_slots_count_workers_not_cpus_over_client_cpus(monkeypatch):
+    """--workers is already a worker count (Ray gets workers x client_cpus CPUs); dividing it by
+    --client-cpus again gave the GPU share too few workers when both were set."""
+    import os
+
+    from simulations.bench_scale import capacity
+    from simulations.run import ray_backend_config, worker_slots
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert worker_slots(FedConfig(workers=4, client_cpus=2)) == 4
+    assert ray_backend_config(FedConfig(workers=4, client_cpus=2))["init_args"]["num_cpus"] == 8
+    assert worker_slots(FedConfig(client_cpus=2)) == 8 and worker_slots(FedConfig(client_cpus=32)) == 1
+    assert capacity(FedConfig(device="cpu", workers=4, client_cpus=2), bare=10.0) == 40.0
