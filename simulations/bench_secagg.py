@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 
 from server.inprocess_grid import InProcessGrid, TrainFn, make_train, train_messages
 from server.secure_aggregation import SecAggConfig, secure_aggregate
+from shared.quiet import offline_and_quiet
 from shared.secagg import masks
 from shared.secagg.protocol import resolve_k
 
@@ -328,6 +329,7 @@ def main() -> None:
     ap.add_argument("--real-reps", type=int, default=3, help="real-round repetitions (best of)")
     ap.add_argument("--real-dp", action="store_true", help="DP-SGD in the real rounds (slow noise calibration)")
     args = ap.parse_args()
+    offline_and_quiet()
     rng = np.random.default_rng(0)
     rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
     for w in args.weights:
