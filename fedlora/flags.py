@@ -49,14 +49,9 @@ def config_from_args(args: argparse.Namespace) -> FedConfig:
     values = {f.name: getattr(args, f.name) for f in fields(FedConfig)
               if f.name not in _SPECIAL and getattr(args, f.name, None) is not None}
     values["dp"], values["secure_agg"] = args.dp, args.secure_agg
-    if values.get("task"):  # each task's own starting settings, where no flag was given
-        from shared.tasks import TASKS, get_task
+    from shared.tasks import with_task_defaults
 
-        if values["task"] in TASKS:
-            for name, value in get_task(values["task"]).defaults.items():
-                if getattr(args, name, None) is None:
-                    values[name] = value
-    cfg = FedConfig(**values)
+    cfg = FedConfig(**with_task_defaults(values))  # each task's own starting settings, where no flag was given
     explicit_split = args.partition_by is not None or args.partition is not None
     num_clients = args.num_clients
     if args.partition_by:

@@ -35,13 +35,16 @@ VARIANTS = {
 
 def _config(pairs: list[str]) -> FedConfig:
     """`key=value` pairs parsed the way Flower's run config is (hyphens or underscores);
-    a later pair overrides an earlier one for the same setting, however it is spelt."""
+    a later pair overrides an earlier one for the same setting, however it is spelt; the
+    task's own defaults fill what no pair sets, as on the CLI."""
     values = {key.replace("-", "_"): value for key, _, value in (pair.partition("=") for pair in pairs)}
     known = {f.name for f in fields(FedConfig)}
     unknown = [k for k in values if k not in known]
     if unknown:
         raise SystemExit(f"unknown setting {unknown[0]!r}")
-    return FedConfig.from_run_config(values)
+    from shared.tasks import with_task_defaults
+
+    return FedConfig.from_run_config(with_task_defaults(values))
 
 
 def main() -> None:

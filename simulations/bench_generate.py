@@ -27,8 +27,7 @@ def main(argv: list[str]) -> dict:
     offline_and_quiet()
     from shared.tasks.generate import TASK
 
-    settings = {**TASK.defaults, **DEFAULTS}
-    cfg = _config([f"{k}={v}" for k, v in settings.items()] + argv)  # an override wins
+    cfg = _config([f"{k}={v}" for k, v in DEFAULTS.items()] + argv)  # an override wins; the task's recipe fills the rest
     from server.report import epsilon_max
     from shared.data import choose_max_length, encode, load_federation
     from shared.evaluation import evaluate
@@ -46,7 +45,7 @@ def main(argv: list[str]) -> dict:
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     summary = simulate(cfg)
     tuned = summary["final"]
-    result = {"config": {k: getattr(cfg, k) for k in settings}, "base_perplexity": base["perplexity"],
+    result = {"config": {k: getattr(cfg, k) for k in {**TASK.defaults, **DEFAULTS}}, "base_perplexity": base["perplexity"],
               "tuned_perplexity": tuned["perplexity"], "ratio": tuned["perplexity"] / base["perplexity"],
               "reduction": 1 - tuned["perplexity"] / base["perplexity"], "epsilon_max": epsilon_max(summary),
               "rounds": [{"round": r["round"], "perplexity": r["perplexity"]} for r in summary["rounds"]],

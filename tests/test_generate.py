@@ -120,6 +120,10 @@ def test_generate_takes_its_default_model_and_dp_recipe_from_the_task():
     assert (given.model, given.max_grad_norm, given.lr) == ("tiny-llama", 0.5, 0.01)  # a flag always wins
     plain = parse()
     assert (plain.model, plain.max_grad_norm, plain.lr) == ("minilm", FedConfig().max_grad_norm, FedConfig().lr)
+    from simulations.bench_accuracy import _config  # the benchmarks' key=value parser starts from the same recipe
+
+    assert (_config(["task=generate"]).max_grad_norm, _config(["task=generate", "max-grad-norm=0.5"]).max_grad_norm) \
+        == (GENERATE_CLIP_NORM, 0.5)
 
 
 def test_owner_gain_is_positive_when_the_federated_perplexity_is_lower():

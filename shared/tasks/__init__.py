@@ -76,6 +76,16 @@ class Task:
         return model(input_ids, attention_mask=attention_mask, labels=labels).loss
 
 
+def with_task_defaults(given: dict[str, Any]) -> dict[str, Any]:
+    """FedConfig settings as given (field name -> value, only what was set), completed with
+    the task's own defaults (`Task.defaults`) where a setting was not given. The CLI and the
+    benchmarks' key=value parser both start a run's config here."""
+    task = given.get("task")
+    if task not in TASKS:
+        return dict(given)
+    return {**get_task(task).defaults, **given}
+
+
 def get_task(cfg_or_name: "FedConfig | str") -> Task:
     name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.task
     if name not in TASKS:
