@@ -93,27 +93,42 @@ def _wipe(context: Context) -> None:
 
 
 def _save_state(context: Context, state: dict) -> None:
-    """The round's state as one JSON value, each key tagged with how its value is stored
-    (b: bytes as hex, B: list of bytes packed then hex, v: as is): a ConfigRecord key per
-    field would cost Flower's per-item type checks on every stage, for a record that never
-    leaves this node."""
-    enc = {}
+    """The round's state as two values: the byte fields (secrets, keys, shares) concatenated
+    raw in "blob", and a JSON "json" holding the other fields and each byte field's length
+    (b: one bytes value, B: a list of them). A ConfigRecord key per field would cost
+    Flower's per-item type checks on every stage, and hex in JSON cost twice the bytes and
+    a third of the client's state time, for a record that never leaves this node."""
+    plain, sizes, parts = {}, {}, []
     for k, v in state.items():
         if isinstance(v, bytes):
-            enc["b" + k] = v.hex()
+            sizes["b" + k] = len(v)
+            parts.append(v)
         elif isinstance(v, list) and v and isinstance(v[0], bytes):
-            enc["B" + k] = pack_blobs(v).hex()
+            sizes["B" + k] = [len(x) for x in v]
+            parts.extend(v)
         else:
-            enc["v" + k] = v
-    context.state[STATE_RECORD] = ConfigRecord({"json": json.dumps(enc)})
+            plain[k] = v
+    context.state[STATE_RECORD] = ConfigRecord({"json": json.dumps([plain, sizes]), "blob": b"".join(parts)})
+
+
+def decode_state(record: ConfigRecord) -> dict:
+    """The state `_save_state` stored, as the dict it was given."""
+    (state, sizes), blob, pos = json.loads(record["json"]), record["blob"], 0
+    for key, size in sizes.items():  # JSON keeps the order the fields were written in
+        if key[0] == "b":
+            state[key[1:]] = blob[pos: pos + size]
+            pos += size
+        else:
+            state[key[1:]] = items = []
+            for n in size:
+                items.append(blob[pos: pos + n])
+                pos += n
+    return state
 
 
 def _stored_state(context: Context) -> dict | None:
     rec = get_record(context.state, STATE_RECORD, ConfigRecord)
-    if rec is None:
-        return None
-    decode = {"b": bytes.fromhex, "B": lambda v: unpack_blobs(bytes.fromhex(v)), "v": lambda v: v}
-    return {k[1:]: decode[k[0]](v) for k, v in json.loads(rec["json"]).items()}
+    return None if rec is None else decode_state(rec)
 
 
 def _load_state(context: Context, cfg: ConfigRecord) -> dict:

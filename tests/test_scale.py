@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import client_app as fedlora_client
-from client.secagg_mod import secagg_mod
+from client.secagg_mod import decode_state, secagg_mod
 from shared.config import FedConfig
 from shared.secagg.protocol import STATE_RECORD
 from server.inprocess_grid import ensure_task_identity
@@ -144,11 +144,13 @@ def _final_adapter(out: Path, rounds: int = 2) -> dict:
 
 
 def _secagg_state(entry: dict) -> dict:
-    """The client's secure-aggregation state as the probe saw it in the Context: one JSON
-    value whose keys carry a one-letter storage tag (client/secagg_mod.py::_save_state);
-    secrets stay hex strings, as stored."""
+    """The client's secure-aggregation state as the probe saw it in the Context
+    (client/secagg_mod.py::decode_state), secrets as hex strings, as the probe wrote them."""
     record = entry["state"].get(STATE_RECORD)
-    return {k[1:]: v for k, v in json.loads(record["json"]).items()} if record else {}
+    if not record:
+        return {}
+    state = decode_state(ConfigRecord({"json": record["json"], "blob": bytes.fromhex(record["blob"])}))
+    return {k: _plain(v) for k, v in state.items()}
 
 
 def _states(probe: Path, pid: int) -> list[dict]:
