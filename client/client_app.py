@@ -152,7 +152,7 @@ def _train(msg: Message, context: Context, server_round: int) -> Message:
     cfg = _node_cfg(msg, context)
 
     # a deployed agent sets its own threads; a simulation worker uses the CPUs Ray reserved for it
-    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", cfg.client_cpus))))
+    torch.set_num_threads(max(1, int(context.node_config.get("num-threads", cfg.client_cpus or 1))))
     try:
         frame, source = client_frame(cfg, context.node_config)
         loads = model_loads()

@@ -80,7 +80,7 @@ class FedConfig:
     output: str = field(default="runs/latest", metadata={"help": "folder for summary.json and the other outputs (a run's metrics.csv, checkpoints and plot; segment's centroids.npy and owners/<name>/segments.*)"})
     resume: str = field(default="", metadata={"help": "continue from a checkpoint folder or a previous --output"})
     device: str = field(default="auto", metadata={"help": "where models train and evaluate: auto (a CUDA GPU when one is visible, else the CPU), cpu or cuda"})
-    client_cpus: float = field(default=1.0, metadata={"help": "simulation: CPUs (and torch threads) of each Ray worker"})
+    client_cpus: float = field(default=0.0, metadata={"help": "simulation: CPUs (and torch threads) of each Ray worker (0: one, or a share of the cores when a round has fewer clients than cores)"})
     client_gpus: float = field(default=0.0, metadata={"help": "simulation: GPU share of each Ray worker (0: chosen from the model's size and the GPU's free memory when --device puts training on a GPU)"})
     workers: int = field(default=0, metadata={"help": "simulation: Ray workers on this machine, each holding one model and serving virtual clients one after another (0: as many as --client-cpus fits in the CPUs)"})
     ray_address: str = field(default="", metadata={"help": "simulation: attach to a running Ray cluster (host:port of `ray start --head`, or 'auto'); empty: a private Ray instance on this machine"})
@@ -144,8 +144,8 @@ class FedConfig:
             raise FedLoraError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not 0 <= self.client_gpus <= 1:
             raise FedLoraError(f"--client-gpus must be in [0, 1] (a share of one GPU), got {self.client_gpus}")
-        if self.workers < 0 or not self.client_cpus > 0:
-            raise FedLoraError("--workers must be 0 (automatic) or positive and --client-cpus positive")
+        if self.workers < 0 or not self.client_cpus >= 0:
+            raise FedLoraError("--workers and --client-cpus must be 0 (automatic) or positive")
         if self.workers and self.ray_address:
             raise FedLoraError("--workers sizes a private Ray instance; on a Ray cluster (--ray-address) its CPUs and --client-cpus decide")
         if self.segment_k < 2 or self.segment_rounds < 1:

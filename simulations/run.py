@@ -100,6 +100,7 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
     console = console or Console()
     cfg = for_simulation(cfg)
     num_nodes = preflight(cfg, console)
+    cfg = with_worker_cpus(cfg, num_nodes)
     report = run_flower(cfg, num_nodes, lambda grid: run_server(grid, cfg, console), verbose)
     if cfg.output:
         report.add_training_losses(Path(cfg.output) / "ledgers")
@@ -121,9 +122,9 @@ def ray_backend_config(cfg: FedConfig, verbose: bool = False) -> dict:
     if not cfg.ray_address:
         init_args["address"] = "local"
         if cfg.workers:
-            init_args["num_cpus"] = cfg.workers * cfg.client_cpus
+            init_args["num_cpus"] = cfg.workers * (cfg.client_cpus or 1.0)
     return {
-        "client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": gpu_share(cfg)},
+        "client_resources": {"num_cpus": cfg.client_cpus or 1.0, "num_gpus": gpu_share(cfg)},
         "init_args": init_args,
     }
 
@@ -144,7 +145,24 @@ def workers_per_gpu(model_bytes: int, free_bytes: int, cpu_slots: int) -> int:
 def worker_slots(cfg: FedConfig) -> int:
     """Ray workers this machine runs: --workers, or as many as --client-cpus fits in its CPUs
     (Ray's own count; a private instance gets workers x client_cpus CPUs)."""
-    return cfg.workers or max(1, int((os.cpu_count() or 1) // cfg.client_cpus))
+    return cfg.workers or max(1, int((os.cpu_count() or 1) // (cfg.client_cpus or 1.0)))
+
+
+def with_worker_cpus(cfg: FedConfig, num_nodes: int) -> FedConfig:
+    """--client-cpus 0 (automatic): one CPU per worker, or, when a round has fewer clients
+    than this machine has cores, the cores shared among those clients' workers.
+
+    A worker serves one client at a time, so with one CPU each a 1-owner run (the
+    centralized reference) trained on one core of two while the other idled, and a
+    6-owner federation used 6 of 16 cores. The count is decided here, before the run,
+    and shipped in the run config, so each worker's torch threads match Ray's
+    reservation. On a Ray cluster or with --workers the reservation stays one CPU."""
+    if cfg.client_cpus:
+        return cfg
+    per_round = max(1, int(num_nodes * cfg.fraction))  # Flower's FedAvg sample size
+    cpus = os.cpu_count() or 1
+    share = 1 if cfg.workers or cfg.ray_address else max(1, cpus // min(per_round, cpus))
+    return cfg.replace(client_cpus=float(share))
 
 
 def gpu_share(cfg: FedConfig) -> float:

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from shared.config import FedConfig
 from shared.errors import FedLoraError
-from simulations.run import for_simulation, run_flower
+from simulations.run import for_simulation, run_flower, with_worker_cpus
 
 
 def preflight(cfg: FedConfig, console: Console) -> tuple[tuple[str, ...], int]:
@@ -86,6 +86,7 @@ def simulate_segment(cfg: FedConfig, console: Console | None = None, verbose: bo
     cfg = for_simulation(cfg)
     t0 = time.perf_counter()
     names, dim = preflight(cfg, console)
+    cfg = with_worker_cpus(cfg, len(names))
     run = run_flower(cfg, len(names), lambda grid: run_segment(grid, cfg, len(names), dim, console), verbose)
     summary = {"config": cfg.to_run_config(), "owners": list(names), "rounds": run.rounds, "clients": run.clients,
                "owners_written": run.owners_written, "final": score(cfg, run.centroids) if scored else None,

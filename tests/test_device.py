@@ -67,3 +67,26 @@ def test_worker_slots_count_workers_not_cpus_over_client_cpus(monkeypatch):
     assert ray_backend_config(FedConfig(workers=4, client_cpus=2))["init_args"]["num_cpus"] == 8
     assert worker_slots(FedConfig(client_cpus=2)) == 8 and worker_slots(FedConfig(client_cpus=32)) == 1
     assert capacity(FedConfig(device="cpu", workers=4, client_cpus=2), bare=10.0) == 40.0
+
+
+def test_automatic_client_cpus_share_the_cores_among_a_rounds_clients(monkeypatch):
+    """--client-cpus 0: a round with fewer clients than cores spreads the cores over them (a
+    1-owner run trained on one core of two); otherwise one CPU per worker, as Ray counts it.
+    An explicit value, --workers and a Ray cluster keep their reservation."""
+    import os
+
+    from simulations.run import ray_backend_config, with_worker_cpus, worker_slots
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    auto = FedConfig()
+    assert auto.client_cpus == 0
+    assert with_worker_cpus(auto, 1).client_cpus == 16
+    assert with_worker_cpus(auto, 6).client_cpus == 2 and worker_slots(with_worker_cpus(auto, 6)) == 8
+    assert with_worker_cpus(auto, 100).client_cpus == 1
+    assert with_worker_cpus(auto.replace(fraction=0.01), 10_000).client_cpus == 1
+    assert with_worker_cpus(auto.replace(fraction=0.1), 30).client_cpus == 5
+    assert with_worker_cpus(auto.replace(client_cpus=0.5), 1).client_cpus == 0.5
+    assert with_worker_cpus(auto.replace(workers=2), 1).client_cpus == 1
+    assert with_worker_cpus(auto.replace(ray_address="auto"), 1).client_cpus == 1
+    # never a zero reservation, even where the count was not resolved
+    assert ray_backend_config(auto)["client_resources"]["num_cpus"] == 1.0 and worker_slots(auto) == 16
