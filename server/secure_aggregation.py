@@ -30,7 +30,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +101,7 @@ class SecAggConfig:
     update_bound: float | None = None
     max_weight: int | None = None
     equal_weights: bool = False
-    roster: dict | None = None
+    roster: Mapping | None = None
     """Registered owner keys (fingerprint -> public key), when the server has them too: it then
     checks advertisements itself, so a client falsely accusing a peer drops only itself.
     Default: the simulation roster when one is set up, else None (clients' word decides)."""
@@ -109,7 +109,7 @@ class SecAggConfig:
     def __post_init__(self) -> None:
         if self.roster is None and os.environ.get(identity.ENV_SIM_DIR):
             try:
-                self.roster = identity.load_roster(Path(os.environ[identity.ENV_SIM_DIR]) / "roster")
+                self.roster = identity.cached_roster(Path(os.environ[identity.ENV_SIM_DIR]) / "roster")
             except identity.IdentityError:
                 self.roster = None
 

@@ -304,7 +304,7 @@ def test_remembered_key_encodings_follow_the_key_object(monkeypatch):
 
     from shared.secagg import identity
 
-    monkeypatch.setattr(identity, "VERIFIED_ENTRIES", 3)
+    monkeypatch.setattr(identity, "PUB_BYTES_ENTRIES", 3)
     monkeypatch.setattr(identity, "_PUB_BYTES", type(identity._PUB_BYTES)())
     for _ in range(50):
         key = ed25519.Ed25519PrivateKey.generate()
@@ -315,3 +315,24 @@ def test_remembered_key_encodings_follow_the_key_object(monkeypatch):
         sig = identity.sign(key, b"survivors")
         assert identity.verify(pub, sig, b"survivors") and not identity.verify(other, sig, b"survivors")
     assert len(identity._PUB_BYTES) <= 3
+
+
+def test_roster_holds_encodings_and_gives_the_registered_keys(tmp_path):
+    """The roster keeps each key's OpenSSH encoding, not an OpenSSL object per owner (27 MB at
+    10,000 simulated owners, in the server and every worker), and gives back the very key that
+    was registered under each fingerprint; a key it does not hold is absent, not parsed."""
+    from cryptography.hazmat.primitives import serialization
+
+    from shared.secagg import identity
+
+    roster_dir = identity.make_simulation_keys(tmp_path, [f"partition-{i}" for i in range(5)])
+    roster = identity.load_roster(roster_dir)
+    assert len(roster) == 5 and all(isinstance(v, bytes) for v in roster._encoded.values())
+    for i in range(5):
+        key = serialization.load_ssh_private_key((tmp_path / f"partition-{i}").read_bytes(), None)
+        fp = identity.fingerprint(key.public_key())
+        assert fp in roster and identity.fingerprint(roster[fp]) == fp
+        sig = identity.sign(key, b"advertisement")
+        assert identity.verify(roster[fp], sig, b"advertisement")
+    assert b"\0" * 32 not in roster and roster.get(b"\0" * 32) is None
+    assert identity.cached_roster(roster_dir) is identity.cached_roster(roster_dir)  # read once per process
