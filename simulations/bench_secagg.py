@@ -19,6 +19,7 @@ the same run, in wall time and in this process's CPU time (see :class:`Cost`).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import tempfile
@@ -330,6 +331,7 @@ def main() -> None:
     ap.add_argument("--real-dp", action="store_true", help="DP-SGD in the real rounds (slow noise calibration)")
     args = ap.parse_args()
     offline_and_quiet()
+    logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's SecAgg+ logs every node's every stage
     rng = np.random.default_rng(0)
     rows = [(n, args.params) for n in args.clients] + [(n, args.large_params) for n in args.large_clients]
     for w in args.weights:
