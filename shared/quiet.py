@@ -24,8 +24,22 @@ def offline_and_quiet(verbose: bool = False) -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    _disable_tqdm()
     try:
         from datasets.utils import logging as ds_logging  # flwr-datasets' partitioners
     except ImportError:
         return
     ds_logging.disable_progress_bar()
+
+
+def _disable_tqdm() -> None:
+    """tqdm reads TQDM_DISABLE when it is imported; a module that imported it earlier (flwr-datasets'
+    NaturalIdPartitioner prints "Generating partition_id_to_indices" with it) would still draw
+    bars, so its default is switched off in this process too. A caller's own `disable=` wins."""
+    from functools import partialmethod
+
+    import tqdm
+
+    if not getattr(tqdm.tqdm, "_fedlora_quiet", False):
+        tqdm.tqdm.__init__ = partialmethod(tqdm.tqdm.__init__, disable=True)
+        tqdm.tqdm._fedlora_quiet = True

@@ -5,6 +5,7 @@ import sys
 
 SCRIPT = """
 import sys, warnings
+from tqdm import tqdm as plain_tqdm  # imported before the call, as flwr-datasets' partitioners are
 from transformers.utils import logging as hf_logging
 from shared.quiet import offline_and_quiet
 offline_and_quiet(verbose=sys.argv[1] == "verbose")
@@ -13,6 +14,8 @@ warnings.warn("Optimal order is the largest alpha. Please consider expanding the
 hf_logging.get_logger("transformers.modeling_utils").warning("LOAD REPORT: classifier MISSING")
 from transformers.utils.logging import tqdm  # the bar behind "Loading weights"
 for _ in tqdm(range(3), desc="Loading weights"):
+    pass
+for _ in plain_tqdm(range(3), desc="Generating partition_id_to_indices"):
     pass
 """
 
@@ -31,5 +34,5 @@ def test_normal_run_hides_library_chatter():
 
 def test_verbose_shows_it():
     err = _stderr("verbose")
-    for text in ("FutureWarning", "Optimal order", "LOAD REPORT", "Loading weights"):
+    for text in ("FutureWarning", "Optimal order", "LOAD REPORT", "Loading weights", "Generating partition_id_to_indices"):
         assert text in err
