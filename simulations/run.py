@@ -122,9 +122,9 @@ def ray_backend_config(cfg: FedConfig, verbose: bool = False) -> dict:
     if not cfg.ray_address:
         init_args["address"] = "local"
         if cfg.workers:
-            init_args["num_cpus"] = cfg.workers * (cfg.client_cpus or 1.0)
+            init_args["num_cpus"] = cfg.workers * worker_cpus(cfg)
     return {
-        "client_resources": {"num_cpus": cfg.client_cpus or 1.0, "num_gpus": gpu_share(cfg)},
+        "client_resources": {"num_cpus": worker_cpus(cfg), "num_gpus": gpu_share(cfg)},
         "init_args": init_args,
     }
 
@@ -145,7 +145,13 @@ def workers_per_gpu(model_bytes: int, free_bytes: int, cpu_slots: int) -> int:
 def worker_slots(cfg: FedConfig) -> int:
     """Ray workers this machine runs: --workers, or as many as --client-cpus fits in its CPUs
     (Ray's own count; a private instance gets workers x client_cpus CPUs)."""
-    return cfg.workers or max(1, int((os.cpu_count() or 1) // (cfg.client_cpus or 1.0)))
+    return cfg.workers or max(1, int((os.cpu_count() or 1) // worker_cpus(cfg)))
+
+
+def worker_cpus(cfg: FedConfig) -> float:
+    """CPUs Ray reserves per worker: --client-cpus, or one where the automatic count (0) has
+    not been resolved by `with_worker_cpus`."""
+    return cfg.client_cpus or 1.0
 
 
 def with_worker_cpus(cfg: FedConfig, num_nodes: int) -> FedConfig:

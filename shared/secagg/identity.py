@@ -44,6 +44,11 @@ round only verifies its own owners' keys."""
 PARSED_KEYS = 4096
 
 
+def _openssh(pub) -> bytes:
+    """The key's OpenSSH public encoding: what a fingerprint hashes and a roster file holds."""
+    return pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+
+
 def _pub_bytes(pub) -> bytes:
     """The key's OpenSSH encoding, remembered per key object: serializing costs more than the
     signature check it keys (cryptography's key objects are unhashable, so the memo is keyed
@@ -51,7 +56,7 @@ def _pub_bytes(pub) -> bytes:
     hit = _PUB_BYTES.get(id(pub))
     if hit is not None and hit[0] is pub:
         return hit[1]
-    raw = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    raw = _openssh(pub)
     _PUB_BYTES[id(pub)] = (pub, raw)
     while len(_PUB_BYTES) > PUB_BYTES_ENTRIES:
         try:
@@ -174,7 +179,7 @@ def load_roster(path: Path) -> Roster:
                 raise IdentityError(f"{f}: unreadable public key line") from exc
             if not isinstance(pub, (ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey)):
                 raise IdentityError(f"{f}: roster keys must be Ed25519 or ECDSA")
-            raw = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            raw = _openssh(pub)
             encoded[hashlib.sha256(raw).digest()] = raw  # fingerprint(pub), without memoizing pub
     if not encoded:
         raise IdentityError(f"secure-aggregation roster {path} holds no public keys")
@@ -225,7 +230,7 @@ def new_key_pair() -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
-    return private, key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    return private, _openssh(key.public_key()) + b"\n"
 
 
 def make_simulation_keys(folder: Path, names: list[str]) -> Path:
