@@ -118,7 +118,7 @@ def _add_range(acc: np.ndarray, seeds: list[tuple[bytes, int]], lo: int, hi: int
 def add_masks(acc: np.ndarray, seeds: list[tuple[bytes, int]], bits: int) -> None:
     """acc += sum(sign * mask(seed)) in place. The native word wraps mod 2^32 / 2^64, and
     reducing mod 2^bits commutes with addition, so one reduction at the end suffices. Large
-    jobs with cores to spare: the vector is cut into one contiguous range per thread, each
+    jobs on a machine with several cores: the vector is cut into one contiguous range per thread, each
     expanding every mask's keystream for its range only (the cipher runs outside the GIL)."""
     if any(len(seed) != 32 for seed, _ in seeds):
         raise ValueError("mask seed must be 32 bytes")
