@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from shared.data import trim_padding
 from shared.tasks import Task, get_task
@@ -18,16 +18,25 @@ def predict(model: torch.nn.Module, dataset: TensorDataset, batch_size: int = 12
     when the rows have no labels (label -1)."""
     model.eval()
     device = next(model.parameters()).device
-    total_loss, probs, gold = 0.0, [], []
-    for inputs, attention_mask, labels in DataLoader(dataset, batch_size=batch_size):
-        inputs, attention_mask = trim_padding(inputs, attention_mask)
+    all_inputs, all_masks, all_labels = dataset.tensors[:3]
+    # Rows in order of length, so each batch is trimmed to its own longest row: a batch of
+    # 128 drawn in data order nearly always holds one row at --max-length, and the forward
+    # pass is paid on its padding for all 128. Outputs go back to the data's order.
+    order = torch.argsort(all_masks.sum(1), stable=True)
+    total_loss, probs = 0.0, torch.empty(len(order), 0)
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        inputs, attention_mask = trim_padding(all_inputs[rows], all_masks[rows])
+        labels = all_labels[rows]
         labelled = bool((labels >= 0).all())
         out = model(inputs.to(device), attention_mask=attention_mask.to(device),
                     labels=labels.to(device) if labelled else None)
         total_loss += float(out.loss) * len(labels) if labelled else float("nan")
-        probs.append(torch.softmax(out.logits.float(), -1).cpu())
-        gold.append(labels)
-    return torch.cat(probs).numpy(), torch.cat(gold).numpy(), total_loss / max(1, len(dataset))
+        p = torch.softmax(out.logits.float(), -1).cpu()
+        if probs.shape[1] != p.shape[1]:
+            probs = torch.empty(len(order), p.shape[1])
+        probs[rows] = p
+    return probs.numpy(), all_labels.numpy(), total_loss / max(1, len(dataset))
 
 
 def evaluate(model: torch.nn.Module, dataset: TensorDataset, num_labels: int, batch_size: int = 128,

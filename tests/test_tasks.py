@@ -106,3 +106,24 @@ def test_client_agent_accepts_a_click_file_and_refuses_one_that_fits_no_task(tmp
     assert validate_data(tmp_path / "renamed.csv", "text", "label", offer_column="promo") == 60
     with pytest.raises(FedLoraError, match="fits no task: it needs a 'text' column .classify., 'profile' and 'offer'"):
         validate_data(tmp_path / "renamed.csv", "text", "label")
+
+
+def test_predict_batches_rows_by_length_and_returns_them_in_the_data_order(tiny_cfg):
+    """The held-out pass sorts rows by length to trim each batch; a row's probabilities and
+    label must still come back at its own position, and equal its scores scored alone."""
+    from torch.utils.data import TensorDataset
+
+    from shared.evaluation import predict
+    from shared.lora import cached_model
+    cfg = tiny_cfg
+    fed = load_federation(cfg)
+    model, tokenizer = cached_model(cfg, len(fed.labels))
+    ds = encode(fed.test.iloc[:24], fed.labels, tokenizer, 32)
+    lengths = ds.tensors[1].sum(1)
+    assert len(set(lengths.tolist())) > 3  # rows of several lengths, not in length order
+    assert not bool((lengths[1:] >= lengths[:-1]).all())
+    probs, gold, loss = predict(model, ds, batch_size=5)
+    alone = [predict(model, TensorDataset(*(t[i:i + 1] for t in ds.tensors)), batch_size=1) for i in range(len(ds))]
+    np.testing.assert_allclose(probs, np.concatenate([a[0] for a in alone]), atol=1e-5)
+    assert np.array_equal(gold, ds.tensors[2].numpy())
+    assert loss == pytest.approx(np.mean([a[2] for a in alone]), rel=1e-4)
