@@ -102,9 +102,9 @@ def test_head_and_adapter_learn_at_their_own_rates(tiny_cfg):
     assert by_lr[0.03] | by_lr[0.2] == set(trainable_state(model))
 
 
-def test_adams_rate_under_dp_is_a_budget_per_round(tiny_cfg):
-    """An owner with three times the reference steps a round gets a third of Adam's rate
-    under DP; short rounds, non-private runs and the head's SGD rate keep theirs."""
+def test_adams_rate_is_a_budget_per_round(tiny_cfg):
+    """An owner with three times the reference steps a round gets a third of Adam's rate,
+    with DP or without; short rounds and the head's SGD rate keep theirs."""
     from client.trainer import ADAM_REFERENCE_STEPS, parameter_groups
 
     cfg = tiny_cfg.replace(dp=True, optimizer="mixed", lr=0.03, head_lr=4.0, max_grad_norm=1.0)
@@ -116,7 +116,7 @@ def test_adams_rate_under_dp_is_a_budget_per_round(tiny_cfg):
     long_round = rates(cfg, 3 * ADAM_REFERENCE_STEPS)
     assert abs(long_round["adam"] - 0.01) < 1e-12 and long_round["sgd"] == 4.0
     assert rates(cfg, ADAM_REFERENCE_STEPS / 2)["adam"] == 0.03
-    assert rates(cfg.replace(dp=False), 3 * ADAM_REFERENCE_STEPS)["adam"] == 0.03
+    assert abs(rates(cfg.replace(dp=False), 3 * ADAM_REFERENCE_STEPS)["adam"] - 0.01) < 1e-12
 
 
 def test_the_released_model_is_an_exponential_average_of_the_rounds():
