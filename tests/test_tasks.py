@@ -115,9 +115,9 @@ def test_predict_batches_rows_by_length_and_returns_them_in_the_data_order(tiny_
 
     from shared.evaluation import predict
     from shared.lora import cached_model
-    cfg = tiny_cfg
-    fed = load_federation(cfg)
-    model, tokenizer = cached_model(cfg, len(fed.labels))
+
+    fed = load_federation(tiny_cfg)
+    model, tokenizer = cached_model(tiny_cfg, len(fed.labels))
     ds = encode(fed.test.iloc[:24], fed.labels, tokenizer, 32)
     lengths = ds.tensors[1].sum(1)
     assert len(set(lengths.tolist())) > 3  # rows of several lengths, not in length order
