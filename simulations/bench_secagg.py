@@ -358,7 +358,7 @@ def main() -> None:
                   f"{_ratios(flwr_full, plain)} {client[w] / n:>18.4f} {sec[w].wall - client[w]:>13.3f} "
                   f"{ours_m:>12.3f} {flwr_m:>12.3f}", flush=True)
     ours, theirs = mask_throughput(args.params)
-    print(f"\nmask generation throughput ({args.params} uint64 elements): ours AES-256-CTR {ours:,.0f} MB/s, "
+    print(f"\nmask generation throughput ({args.params} uint64 elements): ours AES-128-CTR {ours:,.0f} MB/s, "
           f"flwr pseudo_rand_gen {theirs:,.0f} MB/s ({ours / theirs:.1f}x)")
     if args.real_clients:
         main_real(args.real_clients, args.real_examples, args.skip_flwr, args.real_dp, args.real_reps)

@@ -51,6 +51,29 @@ def test_masks_use_the_full_256_bit_key_unlike_flwr_pseudo_rand_gen():
     assert np.mean(o1 == o2) < 0.01
 
 
+def test_every_bit_of_the_seed_shapes_the_mask():
+    """Key half and counter half alike: flipping any one bit changes the whole stream."""
+    seed = os.urandom(32)
+    base = masks.mask(seed, 1000, 64)
+    for bit in (0, 127, 128, 255):
+        flipped = bytearray(seed)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        assert np.mean(masks.mask(bytes(flipped), 1000, 64) == base) < 0.01, bit
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ranges_continue_the_counter_across_its_wrap(monkeypatch, workers):
+    """A counter half near 2^128 wraps mid-vector: each thread's range starts where the whole
+    stream is at that point, as OpenSSL increments the whole 16-byte block."""
+    monkeypatch.setattr(masks, "_WORKERS", workers)
+    monkeypatch.setattr(masks, "_pool", None)
+    seed = os.urandom(16) + b"\xff" * 15 + b"\xf0"  # wraps after 16 blocks
+    length = 140_000
+    got = np.zeros(length, dtype=np.uint32)
+    masks.add_masks(got, [(seed, 1)] * 3, 32)  # three seeds: the threaded path
+    assert np.array_equal(got, masks.mask(seed, length, 32) * np.uint32(3))
+
+
 def test_mask_reduction_for_small_rings():
     m = masks.mask(os.urandom(32), 5000, 20)
     assert m.dtype == np.uint32 and int(m.max()) < (1 << 20)

@@ -1,6 +1,10 @@
-"""Mask generation: AES-256-CTR keystream keyed with the full 256-bit seed, read as ring elements.
+"""Mask generation: AES-128-CTR keystream from the full 256-bit seed, read as ring elements.
 
-AES-CTR runs on the CPU's AES instructions (about twice ChaCha20's throughput here). Unlike flwr's ``pseudo_rand_gen`` (which XOR-folds the key into a 32-bit Mersenne-Twister
+The seed's first half is the AES-128 key, its second half the initial counter block, so every
+bit of the seed shapes the stream. AES-128 rather than AES-256: the seeds come from X25519
+agreements (about 128-bit security), which a 256-bit key would not raise, and its 10 rounds
+against 14 expand masks 1.3x faster here (9.1-9.6 against 6.9-7.6 GB/s). AES-CTR runs on
+the CPU's AES instructions (about twice ChaCha20's throughput here). Unlike flwr's ``pseudo_rand_gen`` (which XOR-folds the key into a 32-bit Mersenne-Twister
 seed, flwr issue #7522) every bit of the seed keys the stream, and the output is uniform
 over Z_{2^b} because 2^b divides the word size: no rejection sampling needed.
 """
@@ -14,8 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-_NONCE = bytes(16)
-"""Each seed keys exactly one stream (seeds are fresh or HKDF-derived per round), so a fixed nonce is safe."""
+
+def _cipher(seed: bytes, block: int = 0) -> Cipher:
+    """AES-128-CTR keyed by ``seed[:16]``, its counter at ``seed[16:] + block`` (mod 2^128, as
+    OpenSSL increments the whole 16-byte block): keystream from byte ``16 * block`` on. Each
+    seed keys exactly one stream (seeds are fresh or HKDF-derived per round)."""
+    counter = (int.from_bytes(seed[16:], "big") + block) % (1 << 128)
+    return Cipher(algorithms.AES(seed[:16]), modes.CTR(counter.to_bytes(16, "big")))
 
 
 def ring_dtype(bits: int) -> np.dtype:
@@ -45,8 +54,7 @@ def _zero_input(nbytes: int) -> memoryview:
 def keystream_into(seed: bytes, out: memoryview | bytearray) -> None:
     if len(seed) != 32:
         raise ValueError("mask seed must be 32 bytes")
-    enc = Cipher(algorithms.AES(seed), modes.CTR(_NONCE)).encryptor()
-    enc.update_into(_zero_input(len(out)), out)
+    _cipher(seed).encryptor().update_into(_zero_input(len(out)), out)
 
 
 def keystream(seed: bytes, nbytes: int) -> bytearray:
@@ -104,14 +112,16 @@ def _executor():
 
 def _add_range(acc: np.ndarray, seeds: list[tuple[bytes, int]], lo: int, hi: int) -> None:
     """acc[lo:hi] += sum(sign * mask(seed)[lo:hi]): the CTR counter starts at the range's
-    first block (``lo * itemsize`` is a multiple of 16), so ranges are independent."""
+    first block (``lo * itemsize`` is a multiple of 16), so ranges are independent. Whole-range
+    keystreams: cutting them into cache-sized chunks (32-128 KB) was 1.1-2x slower here, the
+    calls' overhead and GIL hand-offs outweighing the cache misses."""
     part = acc[lo:hi]
     m = _scratch(part.nbytes).view(acc.dtype)
     out = memoryview(m).cast("B")
     zeros = _zero_input(part.nbytes)
-    counter = (lo * acc.itemsize // 16).to_bytes(16, "big")
+    block = lo * acc.itemsize // 16
     for seed, sign in seeds:
-        Cipher(algorithms.AES(seed), modes.CTR(counter)).encryptor().update_into(zeros, out)
+        _cipher(seed, block).encryptor().update_into(zeros, out)
         (np.add if sign >= 0 else np.subtract)(part, m, out=part)
 
 
