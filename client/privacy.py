@@ -27,6 +27,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
+from client.label_prior import RELEASE_RATE, release_counts
 from shared.cache import cache_dir
 from shared.config import FedConfig
 from shared.errors import FedLoraError
@@ -43,6 +44,7 @@ class PrivacyPlan:
     sample_rate: float
     steps_per_round: int
     batch_size: int  # this client's expected Poisson batch: the run's, or less for a small owner
+    prior_noise: float = 0.0  # the label prior's release noise, planned within the budget (0: no release)
 
 
 MIN_STEPS_PER_EPOCH = 4
@@ -61,27 +63,54 @@ def client_batch_size(cfg: FedConfig, num_examples: int) -> int:
 CALIBRATION_TOLERANCE = 0.01  # Opacus's get_noise_multiplier default: the epsilon reached is within this of the target
 
 
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, fixed: tuple) -> float:
+    """The smallest noise multiplier (within Opacus's tolerance) whose ``steps`` composed with the
+    ``fixed`` history entries stay within ``target_epsilon``: Opacus's bisection, over a history."""
+    def eps(sigma: float) -> float:
+        return history_epsilon([*fixed, (sigma, sample_rate, steps)], delta)
+
+    if fixed and history_epsilon(list(fixed), delta) >= target_epsilon:
+        raise ValueError("the label prior's release alone spends the budget")
+    lo, hi = 0.0, 10.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise ValueError("the noise multiplier is too large")
+    while True:
+        mid = (lo + hi) / 2
+        spent = eps(mid)
+        if spent > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if target_epsilon - spent < CALIBRATION_TOLERANCE:
+                return hi
+
+
 @lru_cache(maxsize=4096)
-def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, steps: int, fixed: tuple = ()) -> float:
     """Opacus's calibration, a bisection over the accountant (~6 s at these orders). A client
     asks the same question every round, and in simulation every worker and the preflight ask
     it for each owner size, so the answer is also kept in the local cache. A cached answer is
     used only if the accountant confirms it: its epsilon is at most the target and within
     Opacus's tolerance of it (one RDP vector, which the ledger needs anyway). A wrong or
     tampered file can cost a recalibration, never budget."""
-    key = json.dumps([target_epsilon, delta, sample_rate, steps, len(ALPHAS), ALPHAS[-1]])
+    key = json.dumps([target_epsilon, delta, sample_rate, steps, len(ALPHAS), ALPHAS[-1], *([list(fixed)] if fixed else [])])
     path = cache_dir("noise-multipliers", hashlib.sha256(key.encode()).hexdigest()[:32] + ".json")
     try:
         cached = json.loads(path.read_text())
         sigma = float(cached["sigma"])
         if cached.get("key") == key and 0 < sigma < math.inf:
-            spent = history_epsilon([(sigma, sample_rate, steps)], delta)
+            spent = history_epsilon([*fixed, (sigma, sample_rate, steps)], delta)
             if target_epsilon - CALIBRATION_TOLERANCE <= spent <= target_epsilon:
                 return sigma
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                 steps=steps, accountant="rdp", alphas=ALPHAS, epsilon_tolerance=CALIBRATION_TOLERANCE)
+    if fixed:
+        sigma = _calibrate(target_epsilon, delta, sample_rate, steps, fixed)
+    else:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                     steps=steps, accountant="rdp", alphas=ALPHAS, epsilon_tolerance=CALIBRATION_TOLERANCE)
     try:  # atomic: concurrent workers never read a torn file
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -109,8 +138,10 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
     batches = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / batches
     steps_per_round = cfg.local_epochs * batches
+    prior_noise = cfg.label_prior_noise if uses_label_prior(cfg) else 0.0
+    fixed = ((prior_noise, RELEASE_RATE, 1),) if prior_noise else ()
     try:
-        sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate, steps_per_round * cfg.rounds)
+        sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate, steps_per_round * cfg.rounds, fixed)
     except ValueError as exc:
         raise FedLoraError(f"epsilon target cannot be met: --target-epsilon {cfg.target_epsilon} ({exc})") from exc
     if sigma > MAX_NOISE_MULTIPLIER:
@@ -118,7 +149,14 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
             f"epsilon target cannot be met: --target-epsilon {cfg.target_epsilon} over {cfg.rounds} rounds needs noise "
             f"multiplier {sigma:.0f} (> {MAX_NOISE_MULTIPLIER:.0f}) for {num_examples} examples; raise the target or lower rounds/epochs"
         )
-    return PrivacyPlan(sigma, sample_rate, steps_per_round, batch_size)
+    return PrivacyPlan(sigma, sample_rate, steps_per_round, batch_size, prior_noise)
+
+
+def uses_label_prior(cfg: FedConfig) -> bool:
+    """Whether this run's DP training releases the owner's label prior (client/label_prior.py)."""
+    from shared.tasks import get_task
+
+    return bool(cfg.dp and cfg.logit_adjust > 0 and get_task(cfg).logit_adjust)
 
 
 @lru_cache(maxsize=4096)
@@ -158,6 +196,8 @@ class PrivacyLedger:
     accountant_state: dict = field(default_factory=lambda: RDPAccountant().state_dict())
     rounds_trained: list[int] = field(default_factory=list)
     round_steps: list[int] | None = field(default_factory=list)  # None: a file from before per-round steps
+    label_counts: list[float] | None = None  # the noisy label counts released for the label prior
+    label_releases: int = 0  # accountant entries (noise, 1.0, 1) that released label counts
 
     def accountant(self) -> RDPAccountant:
         """A fresh accountant on a copy of the history: Opacus shares the list, and a
@@ -173,7 +213,18 @@ class PrivacyLedger:
         """Epsilon if the client trained one more round under `plan` (the recorded history
         is not touched: a what-if query never leaks into the spend)."""
         history = [*self.accountant_state["history"], (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
+        if plan.prior_noise and self.label_counts is None:  # the release this round would make first
+            history.append((plan.prior_noise, RELEASE_RATE, 1))
         return history_epsilon(history, self.delta)
+
+    def label_prior(self, labels, num_labels: int, noise: float) -> list[float]:
+        """The owner's noisy label counts: released (Gaussian mechanism, accounted as one
+        full-batch step at ``noise``) the first time, then the ledger's copy every round."""
+        if self.label_counts is None or len(self.label_counts) != num_labels:
+            self.label_counts = release_counts(labels, num_labels, noise)
+            self.accountant_state["history"].append((float(noise), RELEASE_RATE, 1))
+            self.label_releases += 1
+        return self.label_counts
 
     def can_train(self, plan: PrivacyPlan, tolerance: float = 1e-6) -> bool:
         return self.epsilon_after(plan) <= self.target_epsilon * (1 + tolerance)
@@ -193,6 +244,8 @@ class PrivacyLedger:
         }
         if self.round_steps is not None:
             out["round_steps"] = self.round_steps
+        if self.label_releases:
+            out["label_counts"], out["label_releases"] = self.label_counts, self.label_releases
         return json.dumps(out)
 
     def save(self, path: Path) -> None:
@@ -281,7 +334,15 @@ class PrivacyLedger:
         rounds = raw["rounds_trained"]
         if not (isinstance(rounds, list) and all(_integer(r) and r >= 0 for r in rounds)):
             raise FedLoraError("rounds_trained is not a list of round numbers")
-        total = sum(h[2] for h in history)
+        releases = raw.get("label_releases", 0)
+        counts = raw.get("label_counts")
+        if not (_integer(releases) and releases >= 0) or bool(releases) != (counts is not None):
+            raise FedLoraError("label_releases and label_counts do not match")
+        if counts is not None and not (isinstance(counts, list) and counts and all(_number(c) for c in counts)):
+            raise FedLoraError("label_counts is not a list of numbers")
+        if sum(1 for h in history if h[1] == RELEASE_RATE and h[2] == 1) < releases:
+            raise FedLoraError(f"history does not add up: {releases} label releases, fewer release entries in the history")
+        total = sum(h[2] for h in history) - releases
         steps = raw.get("round_steps")
         if steps is not None:
             if not (isinstance(steps, list) and all(_integer(s) and s >= 1 for s in steps)):
@@ -294,7 +355,8 @@ class PrivacyLedger:
         state = RDPAccountant().state_dict()
         state["history"] = [(float(h[0]), float(h[1]), int(h[2])) for h in history]
         return cls(float(delta), float(target), state, [int(r) for r in rounds],
-                   None if steps is None else [int(s) for s in steps])
+                   None if steps is None else [int(s) for s in steps],
+                   None if counts is None else [float(c) for c in counts], int(releases))
 
 
 def _number(x) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import secure_random
+from client.label_prior import log_prior
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
 from shared.data import trim_batch
@@ -33,7 +34,7 @@ class TrainResult:
     steps: int
 
 
-def _step(model: torch.nn.Module, batch, optimizer, task: Task) -> float | None:
+def _step(model: torch.nn.Module, batch, optimizer, task: Task, logit_offset: torch.Tensor | None = None) -> float | None:
     inputs, attention_mask, labels = batch
     optimizer.zero_grad(set_to_none=True)
     if len(labels) == 0:
@@ -47,7 +48,7 @@ def _step(model: torch.nn.Module, batch, optimizer, task: Task) -> float | None:
         return None
     device = next(model.parameters()).device
     inputs, attention_mask, labels = (t.to(device) for t in trim_batch(inputs, attention_mask, labels))
-    loss = task.loss(model, inputs, attention_mask, labels)
+    loss = task.loss(model, inputs, attention_mask, labels, logit_offset)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
@@ -240,8 +241,24 @@ def train_local(
         release_memory()
 
 
+def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyLedger | None) -> torch.Tensor | None:
+    """tau * log(label prior) for the logit-adjusted loss, or None where it is off. Under DP
+    the prior comes from the ledger's noisy counts (released and accounted once, see
+    client/label_prior.py); without DP from the exact counts."""
+    if not (get_task(cfg).logit_adjust and cfg.logit_adjust > 0):
+        return None
+    labels, num_labels = dataset.tensors[-1], int(model.config.num_labels)
+    if cfg.dp:
+        assert ledger is not None
+        counts, smoothing = ledger.label_prior(labels, num_labels, cfg.label_prior_noise), cfg.label_prior_noise
+    else:
+        counts, smoothing = torch.bincount(labels.long(), minlength=num_labels)[:num_labels].tolist(), 1.0
+    return cfg.logit_adjust * log_prior(counts, smoothing)
+
+
 def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     task = get_task(cfg)
+    offset = logit_offset(model, dataset, cfg, ledger)  # before the engine copies the ledger's history
     full_model = model
     model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg))
     model.train()
@@ -249,7 +266,7 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     optimizer = make_optimizer(model, cfg, server_round, steps=cfg.local_epochs * len(dataset) / batch_size)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True)
     if not cfg.dp:
-        losses = [_step(model, batch, optimizer, task) for _ in range(cfg.local_epochs) for batch in loader]
+        losses = [_step(model, batch, optimizer, task, offset) for _ in range(cfg.local_epochs) for batch in loader]
         full_model.eval()
         return TrainResult(_mean(losses), len(losses))
 
@@ -270,7 +287,7 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
             warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
             for _ in range(cfg.local_epochs):
                 for batch in dp_loader:
-                    losses.append(_step(dp_model, batch, dp_optimizer, task))
+                    losses.append(_step(dp_model, batch, dp_optimizer, task, offset))
     finally:
         dp_model._close()  # remove hooks and per-sample grads from the shared model
     ledger.record(engine.accountant, server_round)

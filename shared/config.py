@@ -61,6 +61,8 @@ class FedConfig:
     head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
     release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
     eval_every: int = field(default=1, metadata={"help": "evaluate on the held-out set every N rounds and after the last; at scale the server's evaluation can cost more than a round's training"})
+    logit_adjust: float = field(default=1.0, metadata={"help": "classify: logit-adjusted loss (Menon et al. 2021) with weight tau on each owner's log label prior, so skewed owners learn balanced decisions (0: plain cross-entropy); under DP the prior is a noisy label count released once per owner and accounted"})
+    label_prior_noise: float = field(default=10.0, metadata={"help": "std of the Gaussian noise on each label count of the DP label prior (sensitivity 1); also its pseudo-count toward uniform"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = field(default=0, metadata={"help": "public seed: synthetic data, iid split, initial weights and directions (never the DP noise)"})
     # privacy
@@ -130,6 +132,9 @@ class FedConfig:
                 raise FedLoraError(f"--delta must be in (0, 1), got {self.delta}")
         if not (self.lr > 0 and self.head_lr > 0):
             raise FedLoraError(f"--lr and --head-lr must be positive, got {self.lr} and {self.head_lr}")
+        if not (self.logit_adjust >= 0 and self.label_prior_noise > 0):
+            raise FedLoraError(f"--logit-adjust must be 0 or positive and --label-prior-noise positive, got "
+                               f"{self.logit_adjust} and {self.label_prior_noise}")
         if not 0 <= self.release_average < 1:
             raise FedLoraError(f"--release-average must be in [0, 1), got {self.release_average}")
         if not self.max_grad_norm > 0:

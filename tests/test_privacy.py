@@ -34,12 +34,14 @@ def test_epsilon_after_two_rounds_is_the_accountants_epsilon_for_the_combined_hi
     eps2 = ledger.epsilon()
 
     reference = RDPAccountant()
+    assert plan.prior_noise == tiny_cfg.label_prior_noise  # the label prior's release, once, before round 1
+    reference.step(noise_multiplier=plan.prior_noise, sample_rate=1.0)
     for _ in range(2 * plan.steps_per_round):
         reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     assert eps2 == pytest.approx(reference.get_epsilon(tiny_cfg.delta, alphas=ALPHAS), rel=1e-9)
     assert eps2 > eps1 > 0
     assert eps2 <= tiny_cfg.target_epsilon * (1 + 1e-6)  # calibrated over all planned rounds
-    assert ledger.rounds_trained == [1, 2]
+    assert ledger.rounds_trained == [1, 2] and ledger.label_releases == 1
 
 
 @pytest.mark.parametrize("history", [
@@ -138,6 +140,7 @@ def test_a_20_row_owner_trains_with_dp_at_its_own_sampling_rate(tiny_cfg):
     after = trainable_state(model)
     assert any(not (before[k] == after[k]).all() for k in before if "lora_B" in k), "adapter did not move"
     reference = RDPAccountant()
+    reference.step(noise_multiplier=plan.prior_noise, sample_rate=1.0)  # its label prior's release
     for _ in range(plan.steps_per_round):
         reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=0.25)
     assert ledger.epsilon() == pytest.approx(reference.get_epsilon(cfg.delta, alphas=ALPHAS), rel=1e-9)
@@ -190,6 +193,7 @@ def test_lp_ft_rounds_train_the_head_alone_then_the_adapter_joins(tiny_cfg):
         assert any("lora_B" in k for k in moved) == adapter_moves, f"round {rnd}: adapter moved={not adapter_moves}"
         assert all(p.requires_grad for k, p in model.named_parameters() if "lora_B" in k)
     reference = RDPAccountant()
+    reference.step(noise_multiplier=plan.prior_noise, sample_rate=1.0)  # the label prior's release
     for _ in range(3 * plan.steps_per_round):
         reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     assert ledger.epsilon() == pytest.approx(reference.get_epsilon(cfg.delta, alphas=ALPHAS), rel=1e-9)

@@ -51,6 +51,9 @@ class Task:
     after_run: Callable[..., Any] | None = None  # (model, tokenizer, test frame, output folder) after the last round
     loss_fn: Callable[..., Any] | None = None  # (model, input_ids, attention_mask, labels) -> loss; None: the head's
     higher_is_better: bool = True  # the headline's direction (perplexity: lower is better)
+    # Train with the logit-adjusted loss (--logit-adjust): for tasks scored on balanced
+    # decisions (macro-F1). Off where the probabilities themselves are the product (click rates).
+    logit_adjust: bool = False
 
     @property
     def default_model(self) -> str:
@@ -68,12 +71,18 @@ class Task:
         the metric points."""
         return federated - local if self.higher_is_better else local - federated
 
-    def loss(self, model, input_ids, attention_mask, labels):
+    def loss(self, model, input_ids, attention_mask, labels, logit_offset=None):
         """The head's own loss (cross-entropy over its logits; for two classes, log-loss),
-        or the task's own (`loss_fn`)."""
+        or the task's own (`loss_fn`). ``logit_offset`` (per class, the logit-adjusted
+        loss: tau * log prior, see client/label_prior.py) is added to the logits first."""
         if self.loss_fn is not None:
             return self.loss_fn(model, input_ids, attention_mask, labels)
-        return model(input_ids, attention_mask=attention_mask, labels=labels).loss
+        if logit_offset is None:
+            return model(input_ids, attention_mask=attention_mask, labels=labels).loss
+        import torch.nn.functional as F
+
+        logits = model(input_ids, attention_mask=attention_mask).logits
+        return F.cross_entropy(logits + logit_offset.to(logits.device, logits.dtype), labels)
 
 
 def with_task_defaults(given: dict[str, Any]) -> dict[str, Any]:

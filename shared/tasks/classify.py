@@ -40,6 +40,7 @@ def predictions(probs: np.ndarray, labels: list[str]) -> dict:
 
 TASK = Task(
     name="classify",
+    logit_adjust=True,
     head="AutoModelForSequenceClassification",
     peft_task_type="SEQ_CLS",
     columns=lambda cfg: {"text": cfg.text_column},
