@@ -139,6 +139,8 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
     sample_rate = 1.0 / batches
     steps_per_round = cfg.local_epochs * batches
     prior_noise = cfg.label_prior_noise if uses_label_prior(cfg) else 0.0
+    if prior_noise and history_epsilon([(prior_noise, RELEASE_RATE, 1)], cfg.delta) > cfg.target_epsilon / 2:
+        prior_noise = 0.0  # a budget this small is better spent on training: plain cross-entropy
     fixed = ((prior_noise, RELEASE_RATE, 1),) if prior_noise else ()
     try:
         sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate, steps_per_round * cfg.rounds, fixed)

@@ -241,16 +241,19 @@ def train_local(
         release_memory()
 
 
-def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyLedger | None) -> torch.Tensor | None:
+def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyLedger | None,
+                 plan: PrivacyPlan | None) -> torch.Tensor | None:
     """tau * log(label prior) for the logit-adjusted loss, or None where it is off. Under DP
     the prior comes from the ledger's noisy counts (released and accounted once, see
-    client/label_prior.py); without DP from the exact counts."""
+    client/label_prior.py), and only where the plan made room for the release; without DP
+    from the exact counts."""
     if not (get_task(cfg).logit_adjust and cfg.logit_adjust > 0):
         return None
     labels, num_labels = dataset.tensors[-1], int(model.config.num_labels)
     if cfg.dp:
-        assert ledger is not None
-        counts, smoothing = ledger.label_prior(labels, num_labels, cfg.label_prior_noise), cfg.label_prior_noise
+        if plan is None or ledger is None or not plan.prior_noise:
+            return None
+        counts, smoothing = ledger.label_prior(labels, num_labels, plan.prior_noise), plan.prior_noise
     else:
         counts, smoothing = torch.bincount(labels.long(), minlength=num_labels)[:num_labels].tolist(), 1.0
     return cfg.logit_adjust * log_prior(counts, smoothing)
@@ -258,7 +261,7 @@ def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyL
 
 def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     task = get_task(cfg)
-    offset = logit_offset(model, dataset, cfg, ledger)  # before the engine copies the ledger's history
+    offset = logit_offset(model, dataset, cfg, ledger, plan)  # before the engine copies the ledger's history
     full_model = model
     model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg))
     model.train()

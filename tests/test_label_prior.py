@@ -58,10 +58,21 @@ def test_click_keeps_plain_cross_entropy_and_zero_turns_it_off(tiny_cfg):
     """Click rates are the product there: their probabilities must stay calibrated."""
     model, ds = _dataset(tiny_cfg)
     ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
-    assert logit_offset(model, ds, tiny_cfg.replace(task="click"), ledger) is None
-    assert logit_offset(model, ds, tiny_cfg.replace(logit_adjust=0.0), ledger) is None
+    for cfg in (tiny_cfg.replace(task="click"), tiny_cfg.replace(logit_adjust=0.0)):
+        plan = plan_privacy(cfg, len(ds))
+        assert plan.prior_noise == 0.0 and logit_offset(model, ds, cfg, ledger, plan) is None
     assert ledger.label_releases == 0 and not ledger.accountant_state["history"]
-    assert plan_privacy(tiny_cfg.replace(logit_adjust=0.0), len(ds)).prior_noise == 0.0
+
+
+def test_a_budget_too_small_for_the_release_trains_without_it(tiny_cfg):
+    """The release alone would spend over half of epsilon 0.5: the owner trains with plain
+    cross-entropy and releases nothing, rather than being refused."""
+    cfg = tiny_cfg.replace(target_epsilon=0.5)
+    model, ds = _dataset(cfg)
+    plan = plan_privacy(cfg, len(ds))
+    ledger = PrivacyLedger(cfg.delta, cfg.target_epsilon)
+    assert plan.prior_noise == 0.0 and logit_offset(model, ds, cfg, ledger, plan) is None
+    assert ledger.label_releases == 0 and plan_privacy(tiny_cfg, len(ds)).prior_noise == 10.0
 
 
 def test_under_dp_the_prior_is_released_once_and_every_release_is_accounted(tiny_cfg):
