@@ -314,7 +314,8 @@ def test_clients_sharing_one_worker_train_as_if_alone_and_never_see_each_others_
         assert json.dumps(ledger.to_json()) not in seen_by_other
         plan = plan_privacy(cfg, len(client_partition(cfg, p)))
         alone = PrivacyLedger(cfg.delta, cfg.target_epsilon)
-        alone.accountant_state["history"] = [[plan.noise_multiplier, plan.sample_rate, 2 * plan.steps_per_round]]
+        alone.accountant_state["history"] = [[plan.prior_noise, 1.0, 1]] * bool(plan.prior_noise) + [
+            [plan.noise_multiplier, plan.sample_rate, 2 * plan.steps_per_round]]  # its label prior's release, then DP-SGD
         assert ledger.rounds_trained == [1, 2]
         assert [list(h) for h in ledger.accountant_state["history"]] == alone.accountant_state["history"]
         assert ledger.epsilon() == pytest.approx(alone.epsilon(), rel=1e-12)
