@@ -219,10 +219,14 @@ class PrivacyLedger:
             history.append((plan.prior_noise, RELEASE_RATE, 1))
         return history_epsilon(history, self.delta)
 
-    def label_prior(self, labels, num_labels: int, noise: float) -> list[float]:
+    def label_prior(self, labels, num_labels: int, noise: float) -> list[float] | None:
         """The owner's noisy label counts: released (Gaussian mechanism, accounted as one
-        full-batch step at ``noise``) the first time, then the ledger's copy every round."""
-        if self.label_counts is None or len(self.label_counts) != num_labels:
+        full-batch step at ``noise``) the first time, then the ledger's copy every round.
+        None when the ledger holds counts for another label set (an earlier run's task): no
+        second release, which :meth:`epsilon_after` would not have counted; no adjustment."""
+        if self.label_counts is not None and len(self.label_counts) != num_labels:
+            return None
+        if self.label_counts is None:
             self.label_counts = release_counts(labels, num_labels, noise)
             self.accountant_state["history"].append((float(noise), RELEASE_RATE, 1))
             self.label_releases += 1

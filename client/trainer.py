@@ -254,6 +254,8 @@ def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyL
         if plan is None or ledger is None or not plan.prior_noise:
             return None
         counts, smoothing = ledger.label_prior(labels, num_labels, plan.prior_noise), plan.prior_noise
+        if counts is None:  # the ledger's counts are for another label set
+            return None
     else:
         counts, smoothing = torch.bincount(labels.long(), minlength=num_labels)[:num_labels].tolist(), 1.0
     return cfg.logit_adjust * log_prior(counts, smoothing)

@@ -110,3 +110,13 @@ def test_a_ledger_whose_releases_do_not_add_up_is_refused(tiny_cfg):
     for bad in (hidden, counts_only, dict(raw, label_counts=["x", 1])):
         with pytest.raises(FedLoraError):
             PrivacyLedger.from_json(json.dumps(bad))
+
+
+def test_counts_for_another_label_set_are_not_released_again(tiny_cfg):
+    """A ledger kept from a run with three labels: no second, unplanned release; no adjustment."""
+    model, ds = _dataset(tiny_cfg)
+    ledger = PrivacyLedger(tiny_cfg.delta, tiny_cfg.target_epsilon)
+    ledger.label_prior(torch.tensor([0, 1, 2]), 3, 10.0)
+    history = list(ledger.accountant_state["history"])
+    assert logit_offset(model, ds, tiny_cfg, ledger, plan_privacy(tiny_cfg, len(ds))) is None
+    assert ledger.accountant_state["history"] == history and ledger.label_releases == 1
