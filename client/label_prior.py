@@ -28,13 +28,25 @@ RELEASE_RATE = 1.0
 DP-SGD's entries never have it (every owner takes at least 4 Poisson steps an epoch)."""
 
 
+def logit_adjusted(cfg) -> bool:
+    """Whether this run trains with the logit-adjusted loss: a task scored on balanced
+    decisions (``Task.logit_adjust``) and ``--logit-adjust`` above 0."""
+    from shared.tasks import get_task
+
+    return bool(cfg.logit_adjust > 0 and get_task(cfg).logit_adjust)
+
+
+def label_counts(labels: torch.Tensor, num_labels: int) -> np.ndarray:
+    """Exact count of each label, 0 .. num_labels - 1."""
+    return np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_labels)[:num_labels]
+
+
 def release_counts(labels: torch.Tensor, num_labels: int, noise: float) -> list[float]:
     """Label counts plus N(0, noise^2) each, from a fresh ChaCha20 stream (never a seed
     the server chose), each normal the sum of 4 halved, as DP-SGD's noise is
     (:meth:`ChaChaRNG.gaussian_noise`)."""
-    counts = np.bincount(labels.cpu().numpy().astype(np.int64), minlength=num_labels)[:num_labels]
     z = ChaChaRNG().normal(4 * num_labels).reshape(4, num_labels).sum(axis=0) * 0.5
-    return [float(c) for c in counts + noise * z]
+    return [float(c) for c in label_counts(labels, num_labels) + noise * z]
 
 
 def log_prior(counts: list[float], smoothing: float) -> torch.Tensor:

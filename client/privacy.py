@@ -27,7 +27,7 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
-from client.label_prior import RELEASE_RATE, release_counts
+from client.label_prior import RELEASE_RATE, logit_adjusted, release_counts
 from shared.cache import cache_dir
 from shared.config import FedConfig
 from shared.errors import FedLoraError
@@ -156,9 +156,7 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
 
 def uses_label_prior(cfg: FedConfig) -> bool:
     """Whether this run's DP training releases the owner's label prior (client/label_prior.py)."""
-    from shared.tasks import get_task
-
-    return bool(cfg.dp and cfg.logit_adjust > 0 and get_task(cfg).logit_adjust)
+    return bool(cfg.dp and logit_adjusted(cfg))
 
 
 @lru_cache(maxsize=4096)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import secure_random
-from client.label_prior import log_prior
+from client.label_prior import label_counts, log_prior, logit_adjusted
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
 from shared.data import trim_batch
@@ -247,7 +247,7 @@ def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyL
     the prior comes from the ledger's noisy counts (released and accounted once, see
     client/label_prior.py), and only where the plan made room for the release; without DP
     from the exact counts."""
-    if not (get_task(cfg).logit_adjust and cfg.logit_adjust > 0):
+    if not logit_adjusted(cfg):
         return None
     labels, num_labels = dataset.tensors[-1], int(model.config.num_labels)
     if cfg.dp:
@@ -257,7 +257,7 @@ def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyL
         if counts is None:  # the ledger's counts are for another label set
             return None
     else:
-        counts, smoothing = torch.bincount(labels.long(), minlength=num_labels)[:num_labels].tolist(), 1.0
+        counts, smoothing = label_counts(labels, num_labels).tolist(), 1.0
     return cfg.logit_adjust * log_prior(counts, smoothing)
 
 
