@@ -59,6 +59,7 @@ class FedConfig:
     lr: float = field(default=0.03, metadata={"help": "learning rate of the LoRA adapter tensors"})
     head_lr: float = field(default=4.0, metadata={"help": "learning rate of the task head"})
     head_rounds: int = field(default=1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head"})
+    freeze_head: bool = field(default=True, metadata={"help": "under DP, after the --head-rounds linear probe the head stays as probed and the adapters take the whole clipping budget (--no-freeze-head: both train, the budget split)"})
     release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
     eval_every: int = field(default=1, metadata={"help": "evaluate on the held-out set every N rounds and after the last; at scale the server's evaluation can cost more than a round's training"})
     logit_adjust: float = field(default=1.0, metadata={"help": "classify: logit-adjusted loss (Menon et al. 2021) with weight tau on each owner's log label prior, so skewed owners learn balanced decisions (0: plain cross-entropy); under DP the prior is a noisy label count released once per owner and accounted"})

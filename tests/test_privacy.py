@@ -177,26 +177,40 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(tiny_cfg, monkeypatch):
     assert ledger.epsilon() > 0
 
 
-def test_lp_ft_rounds_train_the_head_alone_then_the_adapter_joins(tiny_cfg):
+@pytest.mark.parametrize("freeze_head", [True, False])
+def test_lp_ft_rounds_train_the_head_alone_then_the_adapter_joins(tiny_cfg, freeze_head):
     """--head-rounds: a DP linear probe first (adapter untouched, not in the clipped norm),
-    then fine-tuning; the ledger counts both kinds of round the same way."""
-    cfg = tiny_cfg.replace(rounds=4, head_rounds=2)
+    then fine-tuning, with the probed head frozen by default (--no-freeze-head: it trains
+    on); the ledger counts every kind of round the same way."""
+    cfg = tiny_cfg.replace(rounds=4, head_rounds=2, freeze_head=freeze_head)
+    assert cfg.dp
     model, ds = _dataset(cfg)
     plan = plan_privacy(cfg, len(ds))
     ledger = PrivacyLedger(cfg.delta, cfg.target_epsilon)
-    for rnd, adapter_moves in ((1, False), (2, False), (3, True)):
+    for rnd, head_moves, adapter_moves in ((1, True, False), (2, True, False), (3, not freeze_head, True)):
         before = trainable_state(model)
         train_local(model, ds, cfg, ledger, plan, server_round=rnd)
         after = trainable_state(model)
         moved = {k for k in before if not (before[k] == after[k]).all()}
-        assert any("modules_to_save" in k for k in moved), f"round {rnd}: head did not move"
+        assert any("modules_to_save" in k for k in moved) == head_moves, f"round {rnd}: head moved={not head_moves}"
         assert any("lora_B" in k for k in moved) == adapter_moves, f"round {rnd}: adapter moved={not adapter_moves}"
-        assert all(p.requires_grad for k, p in model.named_parameters() if "lora_B" in k)
+        assert all(p.requires_grad for k, p in model.named_parameters() if "lora_B" in k or "modules_to_save" in k)
     reference = RDPAccountant()
     reference.step(noise_multiplier=plan.prior_noise, sample_rate=1.0)  # the label prior's release
     for _ in range(3 * plan.steps_per_round):
         reference.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
     assert ledger.epsilon() == pytest.approx(reference.get_epsilon(cfg.delta, alphas=ALPHAS), rel=1e-9)
+
+
+def test_the_head_freezes_after_the_probe_only_under_dp_and_only_after_probe_rounds(tiny_cfg):
+    from client.trainer import head_frozen
+
+    cfg = tiny_cfg.replace(rounds=8, head_rounds=1)
+    assert [head_frozen(cfg, r) for r in (1, 2, 8)] == [False, True, True]
+    assert not any(head_frozen(cfg.replace(dp=False), r) for r in range(1, 9))  # no budget or noise to save
+    assert not any(head_frozen(cfg.replace(head_rounds=0), r) for r in range(1, 9))  # a random head trains on
+    assert not any(head_frozen(cfg.replace(freeze_head=False), r) for r in range(1, 9))
+    assert not any(head_frozen(cfg.replace(task="generate"), r) for r in range(1, 9))  # no head of its own
 
 
 def test_round_rates_decay_by_cosine_and_head_rounds_never_exceed_half_the_run(tiny_cfg):
