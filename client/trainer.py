@@ -79,13 +79,18 @@ def round_scale(cfg: FedConfig, server_round: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def head_only(cfg: FedConfig, server_round: int) -> bool:
+def probe_rounds(cfg: FedConfig) -> int:
     """LP-FT: the first --head-rounds rounds train the task head alone (a DP linear
     probe on the frozen features); the adapters join once the head is sensible, so
     their early, noisy gradients do not chase a random head. Never more than half the
     rounds: a short run still fine-tunes. A task without a head (generate: the causal
-    LM's own, frozen, vocabulary projection) trains its adapters from round 1."""
-    return 0 < server_round <= min(cfg.head_rounds, cfg.rounds // 2) and not get_task(cfg).generative
+    LM's own, frozen, vocabulary projection) has none and trains its adapters from round 1."""
+    return 0 if get_task(cfg).generative else min(cfg.head_rounds, cfg.rounds // 2)
+
+
+def head_only(cfg: FedConfig, server_round: int) -> bool:
+    """A probe round (see `probe_rounds`): the head trains, the adapters are paused."""
+    return 0 < server_round <= probe_rounds(cfg)
 
 
 def head_frozen(cfg: FedConfig, server_round: int) -> bool:
@@ -97,8 +102,8 @@ def head_frozen(cfg: FedConfig, server_round: int) -> bool:
     1.07 in round 8). Frozen, it leaves the whole budget to B, whose features then adapt to
     a fixed, sensible classifier. Without DP there is neither budget nor noise to save, and
     without probe rounds the head is still random, so both train as before."""
-    probed = min(cfg.head_rounds, cfg.rounds // 2)
-    return cfg.freeze_head and cfg.dp and probed > 0 and server_round > probed and not get_task(cfg).generative
+    probed = probe_rounds(cfg)
+    return cfg.freeze_head and cfg.dp and 0 < probed < server_round
 
 
 ADAM_REFERENCE_STEPS = 8
@@ -242,9 +247,8 @@ def train_local(
     # cfg.seed reproduces non-private runs; under DP no draw may be predictable from the
     # server's config: noise and Poisson batches come from client/secure_random.py
     torch.manual_seed(secure_random.secret_seed() if cfg.dp else cfg.seed * 100_003 + server_round)
-    lp, frozen = head_only(cfg, server_round), head_frozen(cfg, server_round)
-    paused = [p for n, p in model.named_parameters() if p.requires_grad and ("lora_" in n) == lp] \
-        if lp or frozen else []
+    adapter, head = _split(model)
+    paused = adapter if head_only(cfg, server_round) else head if head_frozen(cfg, server_round) else []
     for p in paused:  # not stepped, no per-example gradient, no share of the clipping norm
         p.requires_grad_(False)
     try:

@@ -137,7 +137,7 @@ def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200, batch: int | N
 
 def _bare_rate(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -> float:
     from client.privacy import PrivacyLedger, plan_privacy
-    from client.trainer import train_local
+    from client.trainer import probe_rounds, train_local
     from shared.data import choose_max_length, client_partition, encode, load_federation
     from shared.lora import cached_model
 
@@ -150,9 +150,10 @@ def _bare_rate(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -
     batch = batch or plan_privacy(cfg, client_rows).batch_size
     plan = dataclasses.replace(plan_privacy(cfg, len(dataset)), batch_size=batch)
     ledger = PrivacyLedger(cfg.delta, float("inf"))
-    train_local(model, dataset, cfg, ledger, plan, server_round=cfg.head_rounds + 1)  # warm: caches, allocator
+    fine_tune = probe_rounds(cfg) + 1  # the rounds that make up most of a run
+    train_local(model, dataset, cfg, ledger, plan, server_round=fine_tune)  # warm: caches, allocator
     start = time.perf_counter()
-    train_local(model, dataset, cfg, ledger, plan, server_round=cfg.head_rounds + 1)
+    train_local(model, dataset, cfg, ledger, plan, server_round=fine_tune)
     return cfg.local_epochs * len(dataset) / (time.perf_counter() - start)
 
 
