@@ -80,12 +80,22 @@ def round_scale(cfg: FedConfig, server_round: int) -> float:
 
 
 def probe_rounds(cfg: FedConfig) -> int:
-    """LP-FT: the first --head-rounds rounds train the task head alone (a DP linear
-    probe on the frozen features); the adapters join once the head is sensible, so
-    their early, noisy gradients do not chase a random head. Never more than half the
-    rounds: a short run still fine-tunes. A task without a head (generate: the causal
-    LM's own, frozen, vocabulary projection) has none and trains its adapters from round 1."""
-    return 0 if get_task(cfg).generative else min(cfg.head_rounds, cfg.rounds // 2)
+    """LP-FT: the first --head-rounds rounds train the task head alone (a linear probe on
+    the frozen features); the adapters join once the head is sensible, so their early,
+    noisy gradients do not chase a random head. Never more than half the rounds: a short
+    run still fine-tunes. Automatic (-1): one round without DP, where a round of SGD
+    converges the probe; a quarter of the run (at least one) under DP, where each round's
+    probe is noisy, the average over rounds improves it, and the head is then frozen
+    (`head_frozen`). Replayed on frozen embeddings, the DP probe scores 0.66-0.71 macro-F1
+    after one round and 0.70-0.71 after two on the airline tweets, 0.18 and 0.31 on the
+    complaint narratives; half the run is better still there but leaves the adapters too
+    few rounds on the synthetic set (0.940 against 0.969 for a quarter). A task without a
+    head (generate: the causal LM's own, frozen, vocabulary projection) has none and trains
+    its adapters from round 1."""
+    if get_task(cfg).generative:
+        return 0
+    wanted = cfg.head_rounds if cfg.head_rounds >= 0 else (max(1, cfg.rounds // 4) if cfg.dp else 1)
+    return min(wanted, cfg.rounds // 2)
 
 
 def head_only(cfg: FedConfig, server_round: int) -> bool:

@@ -12,6 +12,7 @@ from client.policy import DeclineCode
 from client.privacy import ALPHAS, PrivacyLedger, history_epsilon, plan_privacy
 from client.trainer import train_local
 from shared.data import SYNTHETIC_LABELS, client_partition, encode
+from shared.config import FedConfig
 from shared.errors import FedLoraError
 from shared.lora import resolve_device, build_model, trainable_state
 from shared.params import to_record
@@ -211,6 +212,25 @@ def test_the_head_freezes_after_the_probe_only_under_dp_and_only_after_probe_rou
     assert not any(head_frozen(cfg.replace(head_rounds=0), r) for r in range(1, 9))  # a random head trains on
     assert not any(head_frozen(cfg.replace(freeze_head=False), r) for r in range(1, 9))
     assert not any(head_frozen(cfg.replace(task="generate"), r) for r in range(1, 9))  # no head of its own
+
+
+def test_automatic_probe_rounds_are_half_a_dp_run_and_one_round_without_dp(tiny_cfg):
+    """--head-rounds -1 (the default): a noisy DP probe averages over a quarter of the run
+    before the head freezes; an exact one converges in a round. An explicit count is kept
+    (at most half the run)."""
+    from client.trainer import head_frozen, head_only, probe_rounds
+
+    cfg = tiny_cfg.replace(rounds=8, head_rounds=-1)
+    assert FedConfig().head_rounds == -1
+    assert probe_rounds(cfg) == 2 and probe_rounds(cfg.replace(rounds=20)) == 5
+    assert probe_rounds(cfg.replace(rounds=3)) == 1 and probe_rounds(cfg.replace(rounds=1)) == 0
+    assert [head_only(cfg, r) for r in (1, 2, 3)] == [True, True, False]
+    assert [head_frozen(cfg, r) for r in (2, 3, 8)] == [False, True, True]
+    assert probe_rounds(cfg.replace(dp=False)) == 1 and probe_rounds(cfg.replace(dp=False, rounds=1)) == 0
+    assert probe_rounds(cfg.replace(head_rounds=2)) == 2 and probe_rounds(cfg.replace(head_rounds=9)) == 4
+    assert probe_rounds(cfg.replace(task="generate")) == 0
+    with pytest.raises(FedLoraError):
+        cfg.replace(head_rounds=-2)
 
 
 def test_round_rates_decay_by_cosine_and_head_rounds_never_exceed_half_the_run(tiny_cfg):
