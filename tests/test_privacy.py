@@ -214,7 +214,7 @@ def test_the_head_freezes_after_the_probe_only_under_dp_and_only_after_probe_rou
     assert not any(head_frozen(cfg.replace(task="generate"), r) for r in range(1, 9))  # no head of its own
 
 
-def test_automatic_probe_rounds_are_half_a_dp_run_and_one_round_without_dp(tiny_cfg):
+def test_automatic_probe_rounds_are_a_quarter_of_a_dp_run_and_one_round_without_dp(tiny_cfg):
     """--head-rounds -1 (the default): a noisy DP probe averages over a quarter of the run
     before the head freezes; an exact one converges in a round. An explicit count is kept
     (at most half the run)."""
