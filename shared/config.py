@@ -58,7 +58,7 @@ class FedConfig:
     optimizer: str = field(default="mixed", metadata={"help": "mixed: SGD+momentum on the head, Adam on the adapter; adam or sgd for both (under DP, SGD rates are per unit of clipped gradient)"})
     lr: float = field(default=0.03, metadata={"help": "learning rate of the LoRA adapter tensors"})
     head_lr: float = field(default=4.0, metadata={"help": "learning rate of the task head"})
-    head_rounds: int = field(default=-1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head; -1: a quarter of the run under DP (at least 1), where the noisy probe improves over rounds, 1 without DP, where one round converges it"})
+    head_rounds: int = field(default=-1, metadata={"help": "LP-FT: the first N rounds (at most half the run) train only the task head; -1: under DP, C / (C + 6) of the run for C labels (at least 1: a quarter for two labels, half for eight), where the noisy probe improves over rounds; 1 without DP, where one round converges it"})
     freeze_head: bool = field(default=True, metadata={"help": "under DP, after the --head-rounds linear probe the head stays as probed and the adapters take the whole clipping budget (--no-freeze-head: both train, the budget split)"})
     release_average: float = field(default=0.5, metadata={"help": "the model evaluated, saved and released is an exponential average of the rounds' models with this weight on the previous average (0: the last round's as is); post-processing, no privacy cost"})
     eval_every: int = field(default=1, metadata={"help": "evaluate on the held-out set every N rounds and after the last; at scale the server's evaluation can cost more than a round's training"})

@@ -8,6 +8,8 @@ the owner's own test rows when the test data names owners, else on the whole tes
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +28,8 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
     """{owner: {"rows", "local": scores or None, "declined": reason or absent}} for every owner."""
     console = console or Console(stderr=True)
     fed = load_federation(cfg)
+    if not cfg.labels:  # as the server sets them for its clients (the probe's length reads them)
+        cfg = cfg.replace(labels=json.dumps(fed.labels))
     parts = partitioning(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
     test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",

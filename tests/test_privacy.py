@@ -214,15 +214,21 @@ def test_the_head_freezes_after_the_probe_only_under_dp_and_only_after_probe_rou
     assert not any(head_frozen(cfg.replace(task="generate"), r) for r in range(1, 9))  # no head of its own
 
 
-def test_automatic_probe_rounds_are_a_quarter_of_a_dp_run_and_one_round_without_dp(tiny_cfg):
-    """--head-rounds -1 (the default): a noisy DP probe averages over a quarter of the run
-    before the head freezes; an exact one converges in a round. An explicit count is kept
-    (at most half the run)."""
+def test_automatic_probe_rounds_grow_with_the_label_count_under_dp_and_are_one_round_without(tiny_cfg):
+    """--head-rounds -1 (the default): a noisy DP probe averages over C / (C + 6) of the run
+    for C labels before the head freezes (a quarter for two labels, half for eight); an
+    exact one converges in a round. An explicit count is kept (at most half the run)."""
+    import json
+
     from client.trainer import head_frozen, head_only, probe_rounds
 
     cfg = tiny_cfg.replace(rounds=8, head_rounds=-1)
     assert FedConfig().head_rounds == -1
-    assert probe_rounds(cfg) == 2 and probe_rounds(cfg.replace(rounds=20)) == 5
+    assert probe_rounds(cfg) == 2 and probe_rounds(cfg.replace(rounds=20)) == 5  # labels not yet known: two
+    labelled = {c: cfg.replace(labels=json.dumps([f"l{i}" for i in range(c)])) for c in (2, 3, 4, 8, 20)}
+    assert [probe_rounds(labelled[c]) for c in (2, 3, 4, 8, 20)] == [2, 2, 3, 4, 4]
+    assert probe_rounds(labelled[8].replace(rounds=20)) == 10 and probe_rounds(labelled[8].replace(rounds=3)) == 1
+    assert probe_rounds(labelled[8].replace(dp=False)) == 1
     assert probe_rounds(cfg.replace(rounds=3)) == 1 and probe_rounds(cfg.replace(rounds=1)) == 0
     assert [head_only(cfg, r) for r in (1, 2, 3)] == [True, True, False]
     assert [head_frozen(cfg, r) for r in (2, 3, 8)] == [False, True, True]
