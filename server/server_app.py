@@ -7,7 +7,6 @@ sends the client-relevant part to the clients in every round's ConfigRecord.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from server.checkpoint import latest_checkpoint, load_checkpoint_state, save_che
 from server.report import RunReport, status_line
 from server.strategy import FedLoraStrategy, with_client_id
 from shared.config import FedConfig
-from shared.data import choose_max_length, encode, load_federation, num_partitions, row_owners
+from shared.data import choose_max_length, encode, load_federation, num_partitions, row_owners, with_labels
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
 from shared.lora import cached_model, load_trainable_state, model_key, release_average, trainable_state
@@ -56,8 +55,7 @@ def _train_round(grid: Grid, strategy: FedLoraStrategy, cfg: FedConfig, server_r
 def run_server(grid: Grid, cfg: FedConfig, console: Console | None = None) -> RunReport:
     console = console or Console()
     fed = load_federation(cfg)
-    if not cfg.labels:
-        cfg = cfg.replace(labels=json.dumps(fed.labels))
+    cfg = with_labels(cfg, fed)
     output = Path(cfg.output)
     model, tokenizer = cached_model(cfg, len(fed.labels))
     test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",

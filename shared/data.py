@@ -397,6 +397,12 @@ def load_federation(cfg: FedConfig) -> FederatedData:
     return _load(_data_key(cfg))
 
 
+def with_labels(cfg: FedConfig, fed: FederatedData) -> FedConfig:
+    """`cfg` naming the federation's label set, as the server sends it to its clients (they
+    size the head and the automatic probe length from it); a set already named is kept."""
+    return cfg if cfg.labels else cfg.replace(labels=json.dumps(fed.labels))
+
+
 @dataclass
 class Partitioning:
     """The virtual clients of a simulation: which underlying partitions are kept, and why not the rest."""

@@ -8,15 +8,13 @@ the owner's own test rows when the test data names owners, else on the whole tes
 
 from __future__ import annotations
 
-import json
-
 from rich.console import Console
 from rich.table import Table
 
 from client.privacy import PrivacyLedger, plan_privacy
 from client.trainer import train_local
 from shared.config import FedConfig
-from shared.data import choose_max_length, client_partition, encode, load_federation, partitioning, row_owners
+from shared.data import choose_max_length, client_partition, encode, load_federation, partitioning, row_owners, with_labels
 from shared.errors import FedLoraError
 from shared.evaluation import evaluate
 from shared.frozen_prefix import training_view
@@ -28,8 +26,7 @@ def local_only(cfg: FedConfig, console: Console | None = None) -> dict[str, dict
     """{owner: {"rows", "local": scores or None, "declined": reason or absent}} for every owner."""
     console = console or Console(stderr=True)
     fed = load_federation(cfg)
-    if not cfg.labels:  # as the server sets them for its clients (the probe's length reads them)
-        cfg = cfg.replace(labels=json.dumps(fed.labels))
+    cfg = with_labels(cfg, fed)  # as the server's clients get it (the probe's length reads it)
     parts = partitioning(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
     test = encode(fed.test, fed.labels, tokenizer, choose_max_length(fed.test, tokenizer, cfg, model), "test data",
