@@ -29,7 +29,11 @@ from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOut
 from shared.data import trim_padding
 
 _CACHE: OrderedDict[str, TensorDataset] = OrderedDict()
-CACHE_ENTRIES = 64
+CACHE_ENTRIES = 16
+"""Enough for the server's test set and every owner of a federation of about a dozen that a
+worker serves round after round; beyond that a worker rarely sees the same sampled client
+twice, so more entries only grow its memory with the number of clients (1.8 MB each for a
+50-row owner at MiniLM's width)."""
 CACHE_BYTES = 1 << 30  # a decoder's hidden states are large: 35 MB for 120 rows of 128 tokens at width 576
 
 

@@ -15,10 +15,13 @@ One invocation measures, on this machine and in this order:
   of them sampled each round (at least 1%), DP and secure aggregation on.
 
 For each simulation: examples trained per second (the examples the sampled clients' ledgers
-recorded, per round) two ways: over the training phase of the rounds after the first
-(sampling, local DP-SGD, secure aggregation: `train_seconds` in metrics.csv; the first
-round's workers also load the model), and over whole rounds (with the server's evaluation
-and checkpoint); efficiency = rate / (bare rate x workers) on the CPU, rate / (bare rate x GPUs) on a GPU
+recorded, per round) three ways: over the training phase of the rounds after the first
+(sampling, local DP-SGD, secure aggregation: `train_seconds` in metrics.csv), over those
+whole rounds (with the server's evaluation and checkpoint: what each further round of a
+longer run costs, the headline `efficiency`), and over the whole run, first round included,
+whose workers also start and load the model (`run_efficiency`; that one-off, per worker and
+not per client, is `startup_s`: the first round's time beyond a typical later round's);
+efficiency = rate / (bare rate x workers) on the CPU, rate / (bare rate x GPUs) on a GPU
 (`device=cuda`: the bare loop then runs on the GPU too); the peak resident memory of the
 whole process tree (driver and Ray workers), also as a ratio to the smallest N's peak, and
 the peak memory in use on the GPU.
@@ -194,16 +197,23 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     per_round = trained_examples(output, cfg)
     examples = sum(per_round.values())
     seconds = sum(float(r["seconds"]) for r in rounds)
-    # the training phase (sampling, local DP-SGD, secure aggregation) after the first round,
-    # whose workers also load the model: what a longer run pays per round
+    # Rounds after the first are what every further round of a longer run costs; the first
+    # also starts the workers (imports, model load), a one-off paid once per worker, not per
+    # client, and reported apart as `startup_s`.
     later = [r for r in rounds if int(r["round"]) > 1] or rounds
-    steady = sum(per_round.get(int(r["round"]), 0.0) for r in later) / sum(float(r["train_seconds"]) for r in later)
+    later_examples = sum(per_round.get(int(r["round"]), 0.0) for r in later)
+    steady = later_examples / sum(float(r["train_seconds"]) for r in later)  # training phase alone
+    per_round_rate = later_examples / sum(float(r["seconds"]) for r in later)  # whole rounds
+    typical = sorted(float(r["seconds"]) for r in later)[len(later) // 2]
     can = capacity(cfg, bare)
     row = {"run": name, "model": cfg.model, "clients": cfg.num_clients,
            "per_round": max(1, int(cfg.num_clients * cfg.fraction)), "rounds": len(rounds), "examples": round(examples),
            "round_seconds": [float(r["seconds"]) for r in rounds], "train_seconds": [float(r["train_seconds"]) for r in rounds],
-           "wall": round(wall, 1), "examples_per_s": round(examples / seconds, 1), "train_examples_per_s": round(steady, 1),
-           "efficiency": round(examples / seconds / can, 3), "train_efficiency": round(steady / can, 3),
+           "wall": round(wall, 1), "startup_s": round(float(rounds[0]["seconds"]) - typical, 1),
+           "examples_per_s": round(per_round_rate, 1), "train_examples_per_s": round(steady, 1),
+           "run_examples_per_s": round(examples / seconds, 1),
+           "efficiency": round(per_round_rate / can, 3), "train_efficiency": round(steady / can, 3),
+           "run_efficiency": round(examples / seconds / can, 3),
            "peak_rss_mb": round(peak.peak / 2**20), "peak_pss_mb": round(peak.pss_peak / 2**20),
            "peak_gpu_mb": None if peak.gpu_peak is None else round(peak.gpu_peak / 2**20),
            "gpu_before_mb": None if gpu_before is None else round(gpu_before / 2**20), "accuracy": float(rounds[-1].get("accuracy") or "nan")}
@@ -226,6 +236,7 @@ def plot(results: dict, path: Path) -> None:
         rate_ax.plot(n, [r["examples_per_s"] for r in runs], "o--", label=f"{model}: whole rounds")
         eff_ax.plot(n, [r["train_efficiency"] for r in runs], "o-", label=f"{model}: training phase")
         eff_ax.plot(n, [r["efficiency"] for r in runs], "o--", label=f"{model}: whole rounds")
+        eff_ax.plot(n, [r["run_efficiency"] for r in runs], "o:", label=f"{model}: whole run (with start-up)")
     for ax, label in ((rate_ax, "examples / s"), (eff_ax, "efficiency (x bare loop)")):
         ax.set_xscale("log")
         ax.set_xlabel("virtual clients")
@@ -276,7 +287,7 @@ def main() -> None:
             results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
     table = Table(title=f"scale vs this run's bare loop (load {results['load_before'][0]:.1f})")
     for column in ("model", "run", "per round", "ex/s train", "eff. train", "ex/s rounds", "eff. rounds",
-                   "RSS MB", "x first", "PSS MB", "x first", "GPU MB", "accuracy"):
+                   "eff. run", "start-up s", "RSS MB", "x first", "PSS MB", "x first", "GPU MB", "accuracy"):
         table.add_column(column, justify="right")
     for r in results["runs"]:
         first = next((f for f in results["runs"] if f["model"] == r["model"] and f["run"].startswith("clients=")), None)
@@ -285,6 +296,7 @@ def main() -> None:
         pss = r["peak_pss_mb"] / first["peak_pss_mb"] if vs_first and first["peak_pss_mb"] else float("nan")
         table.add_row(r["model"], r["run"], str(r["per_round"]), f"{r['train_examples_per_s']:.1f}",
                       f"{r['train_efficiency']:.2f}", f"{r['examples_per_s']:.1f}", f"{r['efficiency']:.2f}",
+                      f"{r['run_efficiency']:.2f}", f"{r['startup_s']:.1f}",
                       str(r["peak_rss_mb"]), f"{rss:.2f}", str(r["peak_pss_mb"]), f"{pss:.2f}",
                       str(r.get("peak_gpu_mb") or "-"), f"{r['accuracy']:.3f}")
     console.print(table)
