@@ -31,9 +31,9 @@ from shared.data import trim_padding
 _CACHE: OrderedDict[str, TensorDataset] = OrderedDict()
 CACHE_ENTRIES = 16
 """Enough for the server's test set and every owner of a federation of about a dozen that a
-worker serves round after round; beyond that a worker rarely sees the same sampled client
-twice, so more entries only grow its memory with the number of clients (1.8 MB each for a
-50-row owner at MiniLM's width)."""
+worker serves round after round; with thousands of owners a worker rarely sees the same
+sampled client twice, so more entries only grow its memory with the number of clients
+(SmolLM2's hidden states for a 50-row owner at 128 tokens: 15 MB)."""
 CACHE_BYTES = 1 << 30  # a decoder's hidden states are large: 35 MB for 120 rows of 128 tokens at width 576
 
 

@@ -223,6 +223,7 @@ def run_flower(cfg: FedConfig, num_nodes: int, server_main, verbose: bool = Fals
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        fast_dispatch.prompt(grid)
         try:
             results.append(server_main(grid))
         except Exception as exc:  # re-raised in the caller's thread, not lost in Flower's
