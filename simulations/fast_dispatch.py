@@ -21,12 +21,12 @@ from flwr.server.superlink.fleet.vce import vce_api
 
 _ORIGINAL = vce_api.add_messages_to_queue
 
-POLL_SECONDS = 0.005
+POLL_SECONDS = 0.01
 """How long a message can wait before the engine hands it to a worker, and a reply before the
-server sees it (the grid's `pull_interval`). Flower's 0.1 s on each side cost every stage
-of a round about 0.1 s with the workers idle: secure aggregation has five stages a round, so
-at 10 clients of 50 rows a round spent ~0.5 s of its ~6 s waiting. A pass over an idle store
-costs microseconds."""
+server sees it (the grid's `pull_interval`). Flower's 0.1 s on each side can cost every stage
+of a round up to 0.2 s with the workers idle, and secure aggregation has five stages a round:
+at 10 clients of 50 rows (rounds of ~6 s) that is up to a sixth of the round. A pass over a
+store of a few hundred messages costs well under a millisecond."""
 
 
 def _fits(state) -> bool:
