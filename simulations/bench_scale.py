@@ -20,7 +20,8 @@ recorded, per round) three ways: over the training phase of the rounds after the
 whole rounds (with the server's evaluation and checkpoint: what each further round of a
 longer run costs, the headline `efficiency`), and over the whole run, first round included,
 whose workers also start and load the model (`run_efficiency`; that one-off, per worker and
-not per client, is `startup_s`: the first round's time beyond a typical later round's);
+not per client, is `startup_s`: the first round's time beyond a typical later round's, 0
+when that first round is a probe round cheap enough to hide it);
 efficiency = rate / (bare rate x workers) on the CPU, rate / (bare rate x GPUs) on a GPU
 (`device=cuda`: the bare loop then runs on the GPU too); the peak resident memory of the
 whole process tree (driver and Ray workers), also as a ratio to the smallest N's peak, and
@@ -209,7 +210,7 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     row = {"run": name, "model": cfg.model, "clients": cfg.num_clients,
            "per_round": max(1, int(cfg.num_clients * cfg.fraction)), "rounds": len(rounds), "examples": round(examples),
            "round_seconds": [float(r["seconds"]) for r in rounds], "train_seconds": [float(r["train_seconds"]) for r in rounds],
-           "wall": round(wall, 1), "startup_s": round(float(rounds[0]["seconds"]) - typical, 1),
+           "wall": round(wall, 1), "startup_s": round(max(0.0, float(rounds[0]["seconds"]) - typical), 1),
            "examples_per_s": round(per_round_rate, 1), "train_examples_per_s": round(steady, 1),
            "run_examples_per_s": round(examples / seconds, 1),
            "efficiency": round(per_round_rate / can, 3), "train_efficiency": round(steady / can, 3),
