@@ -77,3 +77,15 @@ def test_installed_in_the_engine_and_other_states_keep_flowers_loop():
     finally:
         fast_dispatch._ORIGINAL = ORIGINAL
         vce_api.add_messages_to_queue = ORIGINAL
+
+
+def test_the_simulations_grid_pulls_replies_at_the_dispatch_interval():
+    """Flower's in-memory grid sleeps `pull_interval` (0.1 s) between pulls of a stage's
+    replies; the simulation's grid pulls at the dispatcher's interval instead."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    grid = InMemoryGrid.__new__(InMemoryGrid)  # no LinkState needed to read its setting
+    grid.pull_interval = 0.1
+    fast_dispatch.prompt(grid)
+    assert grid.pull_interval == fast_dispatch.POLL_SECONDS < 0.1
+    fast_dispatch.prompt(object())  # a deployment's grid has no such setting: left as it is
