@@ -185,14 +185,14 @@ def _real_setup(n: int, examples: int, dp: bool = False):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from shared.config import FedConfig
     from shared.lora import cached_model, load_trainable_state, trainable_state
-    from shared.data import load_federation
+    from shared.data import load_federation, with_labels
     from shared.params import to_record
 
     out = tempfile.mkdtemp(prefix="fedlora-bench-")
     cfg = FedConfig(model="tiny-bert", brands=n, num_clients=n, examples_per_brand=examples, test_size=n,
                     rounds=1, batch_size=16, lr=5e-3, max_length=32, output=out, delta=1e-3, dp=dp)
     fed = load_federation(cfg)
-    cfg = cfg.replace(labels=__import__("json").dumps(fed.labels))
+    cfg = with_labels(cfg, fed)
     model, _ = cached_model(cfg, len(fed.labels))
     load_trainable_state(model, model.fedlora_initial_state)
     return cfg, to_record(trainable_state(model))
