@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import gc
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -256,6 +257,9 @@ def release_memory() -> bool:
     MALLOC_MMAP_THRESHOLD_=65536 in the environment halves it (0.49x) but cost ~25% time.
     """
     gc.collect()
+    arrow = sys.modules.get("pyarrow")
+    if arrow is not None:  # Arrow's allocator (mimalloc) keeps the freed buffers of the rows read: 114 MB
+        arrow.default_memory_pool().release_unused()  # after loading 500,000 synthetic rows
     if _LIBC is None:
         return False
     _LIBC.malloc_trim(0)

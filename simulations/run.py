@@ -18,6 +18,7 @@ from client.client_app import app as default_client_app
 from shared.config import FedConfig
 from shared.secagg.identity import ENV_SIM_DIR, make_simulation_keys
 from client.privacy import PrivacyPlan, plan_privacy
+from client.trainer import release_memory
 from shared.data import choose_max_length, client_partition, load_federation, partitioning
 from shared.errors import FedLoraError
 from shared.quiet import offline_and_quiet
@@ -100,6 +101,7 @@ def simulate(cfg: FedConfig, console: Console | None = None, verbose: bool = Fal
     console = console or Console()
     cfg = for_simulation(cfg)
     num_nodes = preflight(cfg, console)
+    release_memory()  # the preflight read every owner's rows once; their freed heap goes back
     cfg = with_worker_cpus(cfg, num_nodes)
     report = run_flower(cfg, num_nodes, lambda grid: run_server(grid, cfg, console), verbose)
     if cfg.output:
