@@ -9,7 +9,10 @@ One invocation measures, on this machine and in this order:
 - `bare`: the training loop alone, in this process on one core: `train_local` (DP-SGD
   through Opacus, the same model, adapter, length and expected batch as the clients) on
   enough rows that its one-off set-up is amortised; examples per second. This is the
-  baseline every ratio uses.
+  baseline every ratio uses. It is measured right before and right after each simulation
+  (one measurement serves as the next run's "before"), and each run's ratios use the mean
+  of its two: a shared machine's speed drifts by tens of percent within an invocation (a
+  bare loop measured once at the start, on a slow minute, read 1.25x for the default run).
 - `default` (with --default): the default 6-owner synthetic simulation.
 - `clients=N`: N virtual clients of `--examples` rows each (synthetic, iid), `--per-round`
   of them sampled each round (at least 1%), DP and secure aggregation on.
@@ -128,15 +131,34 @@ def capacity(cfg: FedConfig, bare: float) -> float:
 
 def bare_rate(cfg: FedConfig, client_rows: int, rows: int = 1200, batch: int | None = None) -> float:
     """Examples per second of `train_local` on one core (one process on a GPU) at the batch a
-    `client_rows` owner uses (or at `batch`)."""
+    `client_rows` owner uses (or at `batch`), in a fresh process started as Ray starts a worker
+    (OMP_NUM_THREADS = its CPUs). In this process, whose libraries started their thread pools
+    for every core, the same loop on one thread ran 20-30% slower than the workers' training
+    and drifted from call to call (41-51 examples/s against 64-66 in a fresh process), so the
+    default run read 1.2x the "bare" loop."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from simulations.run import worker_cpus
+
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, int(worker_cpus(cfg))))  # the child inherits it at spawn
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_bare_rate_alone, cfg, client_rows, rows, batch).result()
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
+def _bare_rate_alone(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -> float:
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one worker's share; restored below, or the server's evaluation
-    try:  # in this process would run on one core too
-        return _bare_rate(cfg, client_rows, rows, batch)
-    finally:
-        torch.set_num_threads(threads)
+    offline_and_quiet()
+    torch.set_num_threads(1)  # one worker's share
+    return _bare_rate(cfg, client_rows, rows, batch)
 
 
 def _bare_rate(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -> float:
@@ -144,6 +166,7 @@ def _bare_rate(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -
     from client.trainer import probe_rounds, train_local
     from shared.data import choose_max_length, client_partition, encode, load_federation
     from shared.lora import cached_model
+    from torch.utils.data import TensorDataset
 
     fed = load_federation(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
@@ -155,7 +178,8 @@ def _bare_rate(cfg: FedConfig, client_rows: int, rows: int, batch: int | None) -
     plan = dataclasses.replace(plan_privacy(cfg, len(dataset)), batch_size=batch)
     ledger = PrivacyLedger(cfg.delta, float("inf"))
     fine_tune = probe_rounds(cfg) + 1  # the rounds that make up most of a run
-    train_local(model, dataset, cfg, ledger, plan, server_round=fine_tune)  # warm: caches, allocator
+    warm = TensorDataset(*(t[: max(1, len(dataset) // 5)] for t in dataset.tensors))
+    train_local(model, warm, cfg, ledger, plan, server_round=fine_tune)  # warm: caches, allocator
     start = time.perf_counter()
     train_local(model, dataset, cfg, ledger, plan, server_round=fine_tune)
     return cfg.local_epochs * len(dataset) / (time.perf_counter() - start)
@@ -179,11 +203,29 @@ def trained_examples(output: Path, cfg: FedConfig) -> dict[int, float]:
     return per_round
 
 
-def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> dict:
+class BareLoop:
+    """The bare loop at one batch, measured on demand; the last measurement is kept so that it
+    serves as the next simulation's "before"."""
+
+    def __init__(self, cfg: FedConfig, client_rows: int, rows: int) -> None:
+        self.cfg, self.client_rows, self.rows, self.last = cfg, client_rows, rows, None
+        self.measured: list[float] = []
+
+    def measure(self) -> float:
+        self.last = bare_rate(self.cfg, self.client_rows, self.rows)
+        self.measured.append(round(self.last, 2))
+        return self.last
+
+    def before(self) -> float:
+        return self.last if self.last is not None else self.measure()
+
+
+def run_simulation(name: str, cfg: FedConfig, bare_loop: BareLoop, console: Console) -> dict:
     import csv
 
     from simulations.run import simulate
 
+    bare_before = bare_loop.before()
     peak = TreePeak()
     gpu_before = peak.gpu_peak
     peak.start()
@@ -192,6 +234,8 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     wall = time.perf_counter() - start
     peak.stopped = True
     peak.join()
+    bare_after = bare_loop.measure()
+    bare = (bare_before + bare_after) / 2
     output = Path(cfg.output)
     with open(output / "metrics.csv") as fh:
         rounds = list(csv.DictReader(fh))
@@ -207,7 +251,8 @@ def run_simulation(name: str, cfg: FedConfig, bare: float, console: Console) -> 
     per_round_rate = later_examples / sum(float(r["seconds"]) for r in later)  # whole rounds
     typical = sorted(float(r["seconds"]) for r in later)[len(later) // 2]
     can = capacity(cfg, bare)
-    row = {"run": name, "model": cfg.model, "clients": cfg.num_clients,
+    row = {"run": name, "model": cfg.model, "clients": cfg.num_clients, "bare_before": round(bare_before, 1),
+           "bare_after": round(bare_after, 1),
            "per_round": max(1, int(cfg.num_clients * cfg.fraction)), "rounds": len(rounds), "examples": round(examples),
            "round_seconds": [float(r["seconds"]) for r in rounds], "train_seconds": [float(r["train_seconds"]) for r in rounds],
            "wall": round(wall, 1), "startup_s": round(max(0.0, float(rounds[0]["seconds"]) - typical), 1),
@@ -273,19 +318,20 @@ def main() -> None:
         base = _config([f"rounds={args.rounds}", f"model={model}", *args.overrides])  # an override wins
         default_cfg = base.replace(output=str(out / model / "default"))
         where = "one process on the GPU" if _on_gpu(default_cfg) else "one core"
-        bare_small = bare_rate(default_cfg, args.examples, args.bare_rows)
-        results["bare"][model] = {"small": bare_small}
-        console.print(f"{model}: bare loop, {where}: {bare_small:.1f} examples/s at a {args.examples}-row owner's batch")
+        small = BareLoop(default_cfg, args.examples, args.bare_rows)
+        results["bare"][model] = {"small": small.measured}
         if args.default:
-            bare_default = results["bare"][model]["default"] = bare_rate(default_cfg, default_cfg.examples_per_brand, args.bare_rows)
-            console.print(f"{model}: bare loop, {where}: {bare_default:.1f} examples/s at the default owners' batch")
-            results["runs"].append(run_simulation("default", default_cfg, bare_default, console))
+            default = BareLoop(default_cfg, default_cfg.examples_per_brand, args.bare_rows)
+            results["bare"][model]["default"] = default.measured
+            results["runs"].append(run_simulation("default", default_cfg, default, console))
+            console.print(f"{model}: bare loop, {where}, default owners' batch: {default.measured} examples/s")
         for n in args.clients:
             per_round = max(args.per_round, math.ceil(n / 100)) if args.one_percent else min(args.per_round, n)
             rows = n * args.examples
             cfg = base.replace(num_clients=n, partition_by="", partition="iid", fraction=per_round / n, brands=6,
                                examples_per_brand=math.ceil(rows / 6), output=str(out / model / f"clients-{n}"))
-            results["runs"].append(run_simulation(f"clients={n}", cfg, bare_small, console))
+            results["runs"].append(run_simulation(f"clients={n}", cfg, small, console))
+        console.print(f"{model}: bare loop, {where}, a {args.examples}-row owner's batch: {small.measured} examples/s")
     table = Table(title=f"scale vs this run's bare loop (load {results['load_before'][0]:.1f})")
     for column in ("model", "run", "per round", "ex/s train", "eff. train", "ex/s rounds", "eff. rounds",
                    "eff. run", "start-up s", "RSS MB", "x first", "PSS MB", "x first", "GPU MB", "accuracy"):
