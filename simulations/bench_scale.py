@@ -6,7 +6,7 @@ as the number of virtual clients grows (issue 13)?
 
 One invocation measures, on this machine and in this order:
 
-- `bare`: the training loop alone, in this process on one core: `train_local` (DP-SGD
+- `bare`: the training loop alone, on one core in a fresh process: `train_local` (DP-SGD
   through Opacus, the same model, adapter, length and expected batch as the clients) on
   enough rows that its one-off set-up is amortised; examples per second. This is the
   baseline every ratio uses. It is measured right before and right after each simulation

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
