@@ -45,6 +45,7 @@ class PrivacyPlan:
     steps_per_round: int
     batch_size: int  # this client's expected Poisson batch: the run's, or less for a small owner
     prior_noise: float = 0.0  # the label prior's release noise, planned within the budget (0: no release)
+    center_noise: float = 0.0  # the mean feature's release noise (client/feature_center.py; 0: no release)
 
 
 MIN_STEPS_PER_EPOCH = 4
@@ -70,7 +71,7 @@ def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: i
         return history_epsilon([*fixed, (sigma, sample_rate, steps)], delta)
 
     if fixed and history_epsilon(list(fixed), delta) >= target_epsilon:
-        raise ValueError("the label prior's release alone spends the budget")
+        raise ValueError("the one-off releases (label prior, mean feature) alone spend the budget")
     lo, hi = 0.0, 10.0
     while eps(hi) > target_epsilon:
         lo, hi = hi, 2 * hi
@@ -138,10 +139,9 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
     batches = math.ceil(num_examples / batch_size)
     sample_rate = 1.0 / batches
     steps_per_round = cfg.local_epochs * batches
-    prior_noise = cfg.label_prior_noise if uses_label_prior(cfg) else 0.0
-    if prior_noise and history_epsilon([(prior_noise, RELEASE_RATE, 1)], cfg.delta) > cfg.target_epsilon / 2:
-        prior_noise = 0.0  # a budget this small is better spent on training: plain cross-entropy
-    fixed = ((prior_noise, RELEASE_RATE, 1),) if prior_noise else ()
+    prior_noise = _affordable(cfg.label_prior_noise if uses_label_prior(cfg) else 0.0, cfg)
+    center_noise = _affordable(cfg.center_noise if uses_centering(cfg) else 0.0, cfg)
+    fixed = tuple((noise, RELEASE_RATE, 1) for noise in (prior_noise, center_noise) if noise)
     try:
         sigma = _noise_multiplier(cfg.target_epsilon, cfg.delta, sample_rate, steps_per_round * cfg.rounds, fixed)
     except ValueError as exc:
@@ -151,12 +151,29 @@ def plan_privacy(cfg: FedConfig, num_examples: int) -> PrivacyPlan:
             f"epsilon target cannot be met: --target-epsilon {cfg.target_epsilon} over {cfg.rounds} rounds needs noise "
             f"multiplier {sigma:.0f} (> {MAX_NOISE_MULTIPLIER:.0f}) for {num_examples} examples; raise the target or lower rounds/epochs"
         )
-    return PrivacyPlan(sigma, sample_rate, steps_per_round, batch_size, prior_noise)
+    return PrivacyPlan(sigma, sample_rate, steps_per_round, batch_size, prior_noise, center_noise)
+
+
+def _affordable(noise: float, cfg: FedConfig) -> float:
+    """A one-off release's noise, or 0 (no release) where the release alone would cost over
+    half the budget: a budget that small is better spent on training. A request for a
+    tiny noise (the server's setting) can so never take the owner's budget."""
+    if noise and history_epsilon([(noise, RELEASE_RATE, 1)], cfg.delta) > cfg.target_epsilon / 2:
+        return 0.0
+    return noise
 
 
 def uses_label_prior(cfg: FedConfig) -> bool:
     """Whether this run's DP training releases the owner's label prior (client/label_prior.py)."""
     return bool(cfg.dp and logit_adjusted(cfg))
+
+
+def uses_centering(cfg: FedConfig) -> bool:
+    """Whether this run's DP probe rounds release the owner's mean feature and train the
+    head centred on it (client/feature_center.py): a task with a head, --center-noise set."""
+    from shared.tasks import get_task
+
+    return bool(cfg.dp and cfg.center_noise > 0 and not get_task(cfg).generative)
 
 
 @lru_cache(maxsize=4096)
@@ -198,6 +215,8 @@ class PrivacyLedger:
     round_steps: list[int] | None = field(default_factory=list)  # None: a file from before per-round steps
     label_counts: list[float] | None = None  # the noisy label counts released for the label prior
     label_releases: int = 0  # accountant entries (noise, 1.0, 1) that released label counts
+    feature_sum: list[float] | None = None  # the noisy (sum of features, count) released for centring
+    center_releases: int = 0  # accountant entries (noise, 1.0, 1) that released it
 
     def accountant(self) -> RDPAccountant:
         """A fresh accountant on a copy of the history: Opacus shares the list, and a
@@ -213,8 +232,10 @@ class PrivacyLedger:
         """Epsilon if the client trained one more round under `plan` (the recorded history
         is not touched: a what-if query never leaks into the spend)."""
         history = [*self.accountant_state["history"], (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)]
-        if plan.prior_noise and self.label_counts is None:  # the release this round would make first
+        if plan.prior_noise and self.label_counts is None:  # the releases this round would make first
             history.append((plan.prior_noise, RELEASE_RATE, 1))
+        if plan.center_noise and self.feature_sum is None:
+            history.append((plan.center_noise, RELEASE_RATE, 1))
         return history_epsilon(history, self.delta)
 
     def label_prior(self, labels, num_labels: int, noise: float) -> list[float] | None:
@@ -229,6 +250,18 @@ class PrivacyLedger:
             self.accountant_state["history"].append((float(noise), RELEASE_RATE, 1))
             self.label_releases += 1
         return self.label_counts
+
+    def feature_center(self, features, noise: float) -> list[float]:
+        """The owner's noisy feature sum and count (client/feature_center.py): released
+        (accounted as one full-batch step at ``noise``) the first time, then the ledger's
+        copy. ``features`` is called only for that first release."""
+        if self.feature_sum is None:
+            from client.feature_center import release_sum
+
+            self.feature_sum = release_sum(features(), noise)
+            self.accountant_state["history"].append((float(noise), RELEASE_RATE, 1))
+            self.center_releases += 1
+        return self.feature_sum
 
     def can_train(self, plan: PrivacyPlan, tolerance: float = 1e-6) -> bool:
         return self.epsilon_after(plan) <= self.target_epsilon * (1 + tolerance)
@@ -250,6 +283,8 @@ class PrivacyLedger:
             out["round_steps"] = self.round_steps
         if self.label_releases:
             out["label_counts"], out["label_releases"] = self.label_counts, self.label_releases
+        if self.center_releases:
+            out["feature_sum"], out["center_releases"] = self.feature_sum, self.center_releases
         return json.dumps(out)
 
     def save(self, path: Path) -> None:
@@ -344,9 +379,16 @@ class PrivacyLedger:
             raise FedLoraError("label_releases and label_counts do not match")
         if counts is not None and not (isinstance(counts, list) and counts and all(_number(c) for c in counts)):
             raise FedLoraError("label_counts is not a list of numbers")
-        if sum(1 for h in history if h[1] == RELEASE_RATE and h[2] == 1) < releases:
-            raise FedLoraError(f"history does not add up: {releases} label releases, fewer release entries in the history")
-        total = sum(h[2] for h in history) - releases
+        centers = raw.get("center_releases", 0)
+        feature_sum = raw.get("feature_sum")
+        if not (_integer(centers) and centers >= 0) or bool(centers) != (feature_sum is not None):
+            raise FedLoraError("center_releases and feature_sum do not match")
+        if feature_sum is not None and not (isinstance(feature_sum, list) and feature_sum
+                                            and all(_number(c) for c in feature_sum)):
+            raise FedLoraError("feature_sum is not a list of numbers")
+        if sum(1 for h in history if h[1] == RELEASE_RATE and h[2] == 1) < releases + centers:
+            raise FedLoraError(f"history does not add up: {releases + centers} releases, fewer release entries in the history")
+        total = sum(h[2] for h in history) - releases - centers
         steps = raw.get("round_steps")
         if steps is not None:
             if not (isinstance(steps, list) and all(_integer(s) and s >= 1 for s in steps)):
@@ -360,7 +402,8 @@ class PrivacyLedger:
         state["history"] = [(float(h[0]), float(h[1]), int(h[2])) for h in history]
         return cls(float(delta), float(target), state, [int(r) for r in rounds],
                    None if steps is None else [int(s) for s in steps],
-                   None if counts is None else [float(c) for c in counts], int(releases))
+                   None if counts is None else [float(c) for c in counts], int(releases),
+                   None if feature_sum is None else [float(c) for c in feature_sum], int(centers))
 
 
 def _number(x) -> bool:

@@ -14,12 +14,14 @@ import gc
 import math
 import sys
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import secure_random
+from client.feature_center import centred, head_inputs, head_layer, mean_of
 from client.label_prior import label_counts, log_prior, logit_adjusted
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
@@ -309,6 +311,18 @@ def logit_offset(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyL
     return cfg.logit_adjust * log_prior(counts, smoothing)
 
 
+def feature_centring(model, dataset: TensorDataset, cfg: FedConfig, ledger: PrivacyLedger,
+                     plan: PrivacyPlan, server_round: int):
+    """A probe round's centring of the head at the owner's DP mean feature (see
+    client/feature_center.py), or a null context where it is off or does not apply."""
+    head = head_layer(model) if plan.center_noise and head_only(cfg, server_round) else None
+    if head is None:
+        return nullcontext()
+    released = ledger.feature_center(lambda: head_inputs(model, head, dataset), plan.center_noise)
+    mu = mean_of(released, head.in_features)
+    return nullcontext() if mu is None else centred(head, mu)
+
+
 def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     task = get_task(cfg)
     offset = logit_offset(model, dataset, cfg, ledger, plan)  # before the engine copies the ledger's history
@@ -324,6 +338,13 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
         return TrainResult(_mean(losses), len(losses))
 
     assert ledger is not None and plan is not None
+    with feature_centring(model, dataset, cfg, ledger, plan, server_round):  # before the engine copies the history
+        losses = _train_private(model, dataset, cfg, ledger, plan, server_round, optimizer, loader, task, offset)
+    full_model.eval()
+    return TrainResult(_mean(losses), len(losses))
+
+
+def _train_private(model, dataset, cfg, ledger, plan, server_round, optimizer, loader, task, offset) -> list:
     norms = clip_norms(optimizer, cfg)
     engine = secure_random.privacy_engine(accountant="rdp")
     engine.accountant.load_state_dict(ledger.accountant().state_dict())
@@ -344,5 +365,4 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     finally:
         dp_model._close()  # remove hooks and per-sample grads from the shared model
     ledger.record(engine.accountant, server_round)
-    full_model.eval()
-    return TrainResult(_mean(losses), len(losses))
+    return losses

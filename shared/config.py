@@ -64,6 +64,7 @@ class FedConfig:
     eval_every: int = field(default=1, metadata={"help": "evaluate on the held-out set every N rounds and after the last; at scale the server's evaluation can cost more than a round's training"})
     logit_adjust: float = field(default=1.0, metadata={"help": "classify: logit-adjusted loss (Menon et al. 2021) with weight tau on each owner's log label prior, so skewed owners learn balanced decisions (0: plain cross-entropy); under DP the prior is a noisy label count released once per owner and accounted"})
     label_prior_noise: float = field(default=10.0, metadata={"help": "std of the Gaussian noise on each label count of the DP label prior (sensitivity 1); also its pseudo-count toward uniform"})
+    center_noise: float = field(default=0.0, metadata={"help": "classify under DP: the probe rounds train the head on features centred at the owner's mean feature, released once with Gaussian noise of this std on the feature sum and count (sensitivity 1) and accounted; 0: off"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = field(default=0, metadata={"help": "public seed: synthetic data, iid split, initial weights and directions (never the DP noise)"})
     # privacy
@@ -136,6 +137,8 @@ class FedConfig:
         if not (self.logit_adjust >= 0 and self.label_prior_noise > 0):
             raise FedLoraError(f"--logit-adjust must be 0 or positive and --label-prior-noise positive, got "
                                f"{self.logit_adjust} and {self.label_prior_noise}")
+        if not (self.center_noise >= 0 and self.center_noise < float("inf")):
+            raise FedLoraError(f"--center-noise must be 0 (off) or a positive noise std, got {self.center_noise}")
         if not 0 <= self.release_average < 1:
             raise FedLoraError(f"--release-average must be in [0, 1), got {self.release_average}")
         if not self.max_grad_norm > 0:
