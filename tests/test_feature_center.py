@@ -68,7 +68,9 @@ def test_centring_keeps_the_function_and_gives_the_centred_gradient(probe_cfg):
     assert torch.allclose(head.weight, weight) and torch.allclose(head.bias, bias, atol=1e-6)
 
 
-def test_a_probe_round_releases_once_trains_the_head_and_sends_ordinary_weights(probe_cfg):
+@pytest.mark.parametrize("lora_layers", [0, 1])  # 1: the head reads the cached frozen prefix's top
+def test_a_probe_round_releases_once_trains_the_head_and_sends_ordinary_weights(probe_cfg, lora_layers):
+    probe_cfg = probe_cfg.replace(lora_layers=lora_layers)
     model, ds = _dataset(probe_cfg)
     plan = plan_privacy(probe_cfg, len(ds))
     assert plan.center_noise == 5.0
