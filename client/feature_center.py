@@ -65,12 +65,10 @@ def head_inputs(model: torch.nn.Module, head: torch.nn.Linear, dataset: TensorDa
 
 def release_sum(features: torch.Tensor, noise: float) -> list[float]:
     """``sum_i (x_i, 1) / sqrt 2`` (each term clipped to norm 1) plus N(0, noise^2) per
-    coordinate from a fresh ChaCha20 stream, each normal the sum of 4 halved, as DP-SGD's."""
+    coordinate from a fresh ChaCha20 stream, drawn as DP-SGD's noise is."""
     rows = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], dim=1) / math.sqrt(2)
-    rows = rows / rows.norm(dim=1, keepdim=True).clamp(min=1.0)
-    width = rows.shape[1]
-    z = ChaChaRNG().normal(4 * width).reshape(4, width).sum(axis=0) * 0.5
-    return [float(v) for v in rows.sum(0).numpy() + noise * z]
+    sums = (rows / rows.norm(dim=1, keepdim=True).clamp(min=1.0)).sum(0)
+    return (sums + ChaChaRNG().gaussian_noise(noise, sums)).tolist()
 
 
 def mean_of(released: list[float], width: int) -> torch.Tensor | None:

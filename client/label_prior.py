@@ -43,10 +43,9 @@ def label_counts(labels: torch.Tensor, num_labels: int) -> np.ndarray:
 
 def release_counts(labels: torch.Tensor, num_labels: int, noise: float) -> list[float]:
     """Label counts plus N(0, noise^2) each, from a fresh ChaCha20 stream (never a seed
-    the server chose), each normal the sum of 4 halved, as DP-SGD's noise is
-    (:meth:`ChaChaRNG.gaussian_noise`)."""
-    z = ChaChaRNG().normal(4 * num_labels).reshape(4, num_labels).sum(axis=0) * 0.5
-    return [float(c) for c in label_counts(labels, num_labels) + noise * z]
+    the server chose), drawn as DP-SGD's noise is (:meth:`ChaChaRNG.gaussian_noise`)."""
+    counts = torch.tensor(label_counts(labels, num_labels), dtype=torch.float64)
+    return (counts + ChaChaRNG().gaussian_noise(noise, counts)).tolist()
 
 
 def log_prior(counts: list[float], smoothing: float) -> torch.Tensor:

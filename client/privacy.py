@@ -373,19 +373,8 @@ class PrivacyLedger:
         rounds = raw["rounds_trained"]
         if not (isinstance(rounds, list) and all(_integer(r) and r >= 0 for r in rounds)):
             raise FedLoraError("rounds_trained is not a list of round numbers")
-        releases = raw.get("label_releases", 0)
-        counts = raw.get("label_counts")
-        if not (_integer(releases) and releases >= 0) or bool(releases) != (counts is not None):
-            raise FedLoraError("label_releases and label_counts do not match")
-        if counts is not None and not (isinstance(counts, list) and counts and all(_number(c) for c in counts)):
-            raise FedLoraError("label_counts is not a list of numbers")
-        centers = raw.get("center_releases", 0)
-        feature_sum = raw.get("feature_sum")
-        if not (_integer(centers) and centers >= 0) or bool(centers) != (feature_sum is not None):
-            raise FedLoraError("center_releases and feature_sum do not match")
-        if feature_sum is not None and not (isinstance(feature_sum, list) and feature_sum
-                                            and all(_number(c) for c in feature_sum)):
-            raise FedLoraError("feature_sum is not a list of numbers")
+        releases, counts = _release(raw, "label_releases", "label_counts")
+        centers, feature_sum = _release(raw, "center_releases", "feature_sum")
         if sum(1 for h in history if h[1] == RELEASE_RATE and h[2] == 1) < releases + centers:
             raise FedLoraError(f"history does not add up: {releases + centers} releases, fewer release entries in the history")
         total = sum(h[2] for h in history) - releases - centers
@@ -404,6 +393,17 @@ class PrivacyLedger:
                    None if steps is None else [int(s) for s in steps],
                    None if counts is None else [float(c) for c in counts], int(releases),
                    None if feature_sum is None else [float(c) for c in feature_sum], int(centers))
+
+
+def _release(raw: dict, count_key: str, values_key: str) -> tuple[int, list | None]:
+    """A one-off release kept in a ledger file: how many accountant entries made it, and
+    the released values, present exactly when that count is not 0."""
+    count, values = raw.get(count_key, 0), raw.get(values_key)
+    if not (_integer(count) and count >= 0) or bool(count) != (values is not None):
+        raise FedLoraError(f"{count_key} and {values_key} do not match")
+    if values is not None and not (isinstance(values, list) and values and all(_number(c) for c in values)):
+        raise FedLoraError(f"{values_key} is not a list of numbers")
+    return count, values
 
 
 def _number(x) -> bool:
