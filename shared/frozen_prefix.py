@@ -9,6 +9,11 @@ backward pass. Opacus then wraps only the top module: the per-example gradients 
 clips are exactly those of the full model's trainable tensors, which are the same
 Parameter objects, so the adapter state that travels is unchanged.
 
+In a probe round (LP-FT: only the task head trains) the whole encoder is frozen, so the
+same holds one level up: `head_view` trains the head alone on each example's pooled
+feature, computed once in eval mode (the encoder's dropout off, as a linear probe on
+frozen embeddings is), and an epoch costs a matrix product.
+
 Supported for BERT-family encoders (all-MiniLM-L6-v2, tiny-bert) and Llama-family
 decoders (smollm2-135m, tiny-llama; causal attention, so a token's hidden state below the
 adapters depends only on the tokens before it); other models use the full model
@@ -193,24 +198,110 @@ def prefix_features(model: nn.Module, dataset: TensorDataset, start: int, key: s
     cache key, so two clients never share an entry unless their tokens are identical.
     Kept in float32 so evaluation on the cache reproduces the full model exactly.
     """
+    full_key = f"{key}|{start}|{_data_digest(dataset)}"
+    return _cached(full_key, lambda: _features(model, dataset, start))
+
+
+class HeadTop(nn.Module):
+    """The dropout and head of a BERT classifier, fed with pooled features as sequences of
+    one token (so batches trim and collate as token batches do); holds the model's own
+    head, so training it trains the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        inner = _classifier_model(model)
+        self.config = inner.config
+        self.dropout = inner.dropout
+        self.classifier = inner.classifier
+        self.num_labels = inner.num_labels
+
+    def forward(self, features: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None):
+        logits = self.classifier(self.dropout(features[:, 0].float()))
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def _head_module(model: nn.Module) -> nn.Module | None:
+    """The classifier of a BERT-family model when it holds every trainable tensor (a probe
+    round), else None."""
+    inner = _classifier_model(model)
+    head = getattr(inner, "classifier", None)
+    if getattr(inner, "bert", None) is None or head is None or not hasattr(inner, "dropout"):
+        return None
+    inside = {id(p) for p in head.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return head if trainable and all(id(p) in inside for p in trainable) else None
+
+
+@torch.no_grad()
+def _pooled(model: nn.Module, dataset: TensorDataset, head: nn.Module, batch_size: int = 64) -> TensorDataset:
     input_ids, attention_mask, labels = dataset.tensors
+    seen: dict[int, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    features = None
+    handle = head.register_forward_pre_hook(lambda module, args: seen.__setitem__(0, args[0]))
+    try:
+        for chunk in torch.argsort(attention_mask.sum(1)).split(batch_size):
+            ids, mask = trim_padding(input_ids[chunk], attention_mask[chunk])
+            model(ids.to(device), attention_mask=mask.to(device))
+            if features is None:
+                features = torch.zeros(len(labels), 1, seen[0].shape[-1])
+            features[chunk, 0] = seen[0].float().cpu()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return TensorDataset(features, torch.ones(len(labels), 1, dtype=attention_mask.dtype), labels)
+
+
+def _state_digest(model: nn.Module, skip: nn.Module) -> str:
+    """Digest of the weights the pooled features depend on that change during a run (the
+    adapters; the base weights are named by the caller's key), the head excluded."""
+    inside = {id(p) for p in skip.parameters()}
     digest = hashlib.sha256()
-    for t in (input_ids, attention_mask, labels):
-        digest.update(t.numpy().tobytes())
-    full_key = f"{key}|{start}|{digest.hexdigest()}"
+    for name, p in model.named_parameters():
+        if "lora_" in name and id(p) not in inside:
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _cached(full_key: str, compute) -> TensorDataset:
     if full_key in _CACHE:
         _CACHE.move_to_end(full_key)
         return _CACHE[full_key]
-    features = _features(model, dataset, start)
+    features = compute()
     _CACHE[full_key] = features
     while len(_CACHE) > 1 and (len(_CACHE) > CACHE_ENTRIES or _cache_bytes() > CACHE_BYTES):
         _CACHE.popitem(last=False)
     return features
 
 
-def training_view(model: nn.Module, dataset: TensorDataset, lora_layers: int, key: str) -> tuple[nn.Module, TensorDataset]:
-    """(module to train or evaluate, its dataset): the top layers on cached features where
-    the model allows it, else the whole model on tokens. Both are called the same way."""
+def _data_digest(dataset: TensorDataset) -> str:
+    digest = hashlib.sha256()
+    for t in dataset.tensors:
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def head_view(model: nn.Module, dataset: TensorDataset, key: str) -> tuple[nn.Module, TensorDataset] | None:
+    """(the head alone, each example's pooled feature as a one-token sequence), cached per
+    process, where only the head of a BERT-family classifier trains; else None."""
+    head = _head_module(model)
+    if head is None:
+        return None
+    full_key = f"{key}|head|{_state_digest(model, head)}|{_data_digest(dataset)}"
+    return HeadTop(model), _cached(full_key, lambda: _pooled(model, dataset, head))
+
+
+def training_view(model: nn.Module, dataset: TensorDataset, lora_layers: int, key: str,
+                  head_only: bool = False) -> tuple[nn.Module, TensorDataset]:
+    """(module to train or evaluate, its dataset): in a probe round (`head_only`) the head
+    on pooled features, else the top layers on cached features where the model allows it,
+    else the whole model on tokens. All are called the same way."""
+    if head_only and (view := head_view(model, dataset, key)) is not None:
+        return view
     start = split_layer(model, lora_layers)
     if start is None:
         return model, dataset
