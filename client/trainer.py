@@ -327,7 +327,8 @@ def _train(model, dataset, cfg, ledger, plan, server_round) -> TrainResult:
     task = get_task(cfg)
     offset = logit_offset(model, dataset, cfg, ledger, plan)  # before the engine copies the ledger's history
     full_model = model
-    model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg), head_only(cfg, server_round))
+    model, dataset = training_view(full_model, dataset, cfg.lora_layers, model_key(cfg),
+                                   cfg.cached_probe and head_only(cfg, server_round))
     model.train()
     batch_size = plan.batch_size if plan is not None else cfg.batch_size
     optimizer = make_optimizer(model, cfg, server_round, steps=cfg.local_epochs * len(dataset) / batch_size)

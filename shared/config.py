@@ -64,6 +64,7 @@ class FedConfig:
     eval_every: int = field(default=1, metadata={"help": "evaluate on the held-out set every N rounds and after the last; at scale the server's evaluation can cost more than a round's training"})
     logit_adjust: float = field(default=1.0, metadata={"help": "classify: logit-adjusted loss (Menon et al. 2021) with weight tau on each owner's log label prior, so skewed owners learn balanced decisions (0: plain cross-entropy); under DP the prior is a noisy label count released once per owner and accounted"})
     label_prior_noise: float = field(default=10.0, metadata={"help": "std of the Gaussian noise on each label count of the DP label prior (sensitivity 1); also its pseudo-count toward uniform"})
+    cached_probe: bool = field(default=False, metadata={"help": "probe rounds train the head on each row's pooled feature, computed once per round with the encoder in eval mode (its dropout off): probe rounds about 10x faster; off: through the whole model in train mode"})
     center_noise: float = field(default=0.0, metadata={"help": "classify under DP: the probe rounds train the head on features centred at the owner's mean feature, released once with Gaussian noise of this std on the feature sum and count (sensitivity 1) and accounted; 0: off"})
     lr_decay: str = field(default="none", metadata={"help": "none, or cosine: both rates decay to 0.1x over the rounds"})
     seed: int = field(default=0, metadata={"help": "public seed: synthetic data, iid split, initial weights and directions (never the DP noise)"})

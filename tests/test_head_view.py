@@ -16,7 +16,7 @@ from shared.lora import build_model, trainable_state
 
 @pytest.fixture
 def probe_cfg(tiny_cfg):
-    return tiny_cfg.replace(head_rounds=1, rounds=2)
+    return tiny_cfg.replace(head_rounds=1, rounds=2, cached_probe=True)
 
 
 def _model_and_data(cfg):
@@ -72,6 +72,10 @@ def test_a_dp_probe_round_moves_the_models_head_with_one_encoder_pass(probe_cfg)
     assert moved and all("classifier" in k for k in moved)
     assert sum(calls) == len(data), "three epochs and the mean-feature release share one encoder pass"
     assert ledger.center_releases == 1
+    calls.clear()
+    train_local(model, data, cfg.replace(cached_probe=False), PrivacyLedger(cfg.delta, cfg.target_epsilon),
+                plan_privacy(cfg, len(data)), server_round=1)
+    assert sum(calls) > 3 * len(data), "off: every epoch runs the whole model"
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
     assert hooks <= 2  # the mask capture and the counter above: no Opacus hook left behind
 
