@@ -10,9 +10,11 @@ clips are exactly those of the full model's trainable tensors, which are the sam
 Parameter objects, so the adapter state that travels is unchanged.
 
 In a probe round (LP-FT: only the task head trains) the whole encoder is frozen, so the
-same holds one level up: `head_view` trains the head alone on each example's pooled
-feature, computed once in eval mode (the encoder's dropout off, as a linear probe on
-frozen embeddings is), and an epoch costs a matrix product.
+same holds one level up: with `--cached-probe`, `head_view` trains the head alone on each
+example's pooled feature, computed once in eval mode (the encoder's dropout off, as a
+linear probe on frozen embeddings is), and an epoch costs a matrix product. Off by
+default: it changes what the probe sees (no dropout), and on the airline tweets each
+owner's local-only model gained more from that than the federation did (README).
 
 Supported for BERT-family encoders (all-MiniLM-L6-v2, tiny-bert) and Llama-family
 decoders (smollm2-135m, tiny-llama; causal attention, so a token's hidden state below the
