@@ -28,12 +28,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from client.secure_random import ChaChaRNG
-from shared.data import trim_batch
-
-FEATURE_BATCH = 64
 
 
 def head_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -43,24 +39,6 @@ def head_layer(model: torch.nn.Module) -> torch.nn.Linear | None:
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
               and m.bias is not None and {id(m.weight), id(m.bias)} <= trainable]
     return layers[0] if len(layers) == 1 else None
-
-
-@torch.no_grad()
-def head_inputs(model: torch.nn.Module, head: torch.nn.Linear, dataset: TensorDataset) -> torch.Tensor:
-    """What the head reads for every row (dropout off), from one forward pass."""
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
-    was_training = model.training
-    model.eval()
-    device = head.weight.device
-    try:
-        for batch in DataLoader(dataset, batch_size=FEATURE_BATCH):
-            inputs, mask, _ = trim_batch(*batch)
-            model(inputs.to(device), attention_mask=mask.to(device))
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(seen)
 
 
 def release_sum(features: torch.Tensor, noise: float) -> list[float]:

@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from client import secure_random
-from client.feature_center import centred, head_inputs, head_layer, mean_of
+from client.feature_center import centred, head_layer, mean_of
 from client.label_prior import label_counts, log_prior, logit_adjusted
 from client.privacy import PrivacyLedger, PrivacyPlan
 from shared.config import FedConfig
 from shared.data import trim_batch
-from shared.frozen_prefix import training_view
+from shared.frozen_prefix import head_inputs, training_view
 from shared.lora import model_key
 from shared.tasks import Task, get_task
 

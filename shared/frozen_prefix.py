@@ -237,34 +237,39 @@ def _head_module(model: nn.Module) -> nn.Module | None:
 
 
 @torch.no_grad()
-def _pooled(model: nn.Module, dataset: TensorDataset, head: nn.Module, batch_size: int = 64) -> TensorDataset:
-    input_ids, attention_mask, labels = dataset.tensors
-    seen: dict[int, torch.Tensor] = {}
+def head_inputs(model: nn.Module, head: nn.Module, dataset: TensorDataset, batch_size: int = 64) -> torch.Tensor:
+    """What `head` reads for every row, in row order, from one eval-mode forward pass
+    (dropout off; similar lengths batched together, so less padding to compute)."""
+    input_ids, attention_mask, _ = dataset.tensors
+    seen: list[torch.Tensor] = []
+    order = torch.argsort(attention_mask.sum(1))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    features = None
-    handle = head.register_forward_pre_hook(lambda module, args: seen.__setitem__(0, args[0]))
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
     try:
-        for chunk in torch.argsort(attention_mask.sum(1)).split(batch_size):
+        for chunk in order.split(batch_size):
             ids, mask = trim_padding(input_ids[chunk], attention_mask[chunk])
             model(ids.to(device), attention_mask=mask.to(device))
-            if features is None:
-                features = torch.zeros(len(labels), 1, seen[0].shape[-1])
-            features[chunk, 0] = seen[0].float().cpu()
     finally:
         handle.remove()
         model.train(was_training)
-    return TensorDataset(features, torch.ones(len(labels), 1, dtype=attention_mask.dtype), labels)
+    rows = torch.cat(seen)
+    return torch.empty_like(rows).index_copy_(0, order, rows)
 
 
-def _state_digest(model: nn.Module, skip: nn.Module) -> str:
-    """Digest of the weights the pooled features depend on that change during a run (the
-    adapters; the base weights are named by the caller's key), the head excluded."""
-    inside = {id(p) for p in skip.parameters()}
+def _pooled(model: nn.Module, dataset: TensorDataset, head: nn.Module) -> TensorDataset:
+    labels = dataset.tensors[-1]
+    features = head_inputs(model, head, dataset).unsqueeze(1)
+    return TensorDataset(features, torch.ones(len(labels), 1, dtype=dataset.tensors[1].dtype), labels)
+
+
+def _adapter_digest(model: nn.Module) -> str:
+    """Digest of the weights the pooled features depend on that change during a run: the
+    adapters (the base weights are named by the caller's key; the head is read after)."""
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
-        if "lora_" in name and id(p) not in inside:
+        if "lora_" in name:
             digest.update(p.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
@@ -293,7 +298,7 @@ def head_view(model: nn.Module, dataset: TensorDataset, key: str) -> tuple[nn.Mo
     head = _head_module(model)
     if head is None:
         return None
-    full_key = f"{key}|head|{_state_digest(model, head)}|{_data_digest(dataset)}"
+    full_key = f"{key}|head|{_adapter_digest(model)}|{_data_digest(dataset)}"
     return HeadTop(model), _cached(full_key, lambda: _pooled(model, dataset, head))
 
 

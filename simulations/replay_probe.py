@@ -39,7 +39,8 @@ def features(cfg: FedConfig, name: str) -> dict:
     """Frozen head inputs of every train and test row, and each train row's owner (cached)."""
     path = cache_dir("replay") / f"{name}-{cfg.max_length_cap}.npz"
     if not path.exists():
-        from client.feature_center import head_inputs, head_layer
+        from client.feature_center import head_layer
+        from shared.frozen_prefix import head_inputs
         from shared.data import choose_max_length, encode, load_federation
         from shared.lora import cached_model
 

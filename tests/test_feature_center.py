@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.feature_center import centred, head_inputs, head_layer, mean_of, release_sum
+from client.feature_center import centred, head_layer, mean_of, release_sum
 from client.label_prior import RELEASE_RATE
 from client.privacy import PrivacyLedger, history_epsilon, plan_privacy
 from client.trainer import _split, train_local
 from shared.data import SYNTHETIC_LABELS, client_partition, encode
 from shared.errors import FedLoraError
+from shared.frozen_prefix import head_inputs
 from shared.lora import build_model, trainable_state
 
 
