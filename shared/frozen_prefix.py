@@ -9,6 +9,13 @@ backward pass. Opacus then wraps only the top module: the per-example gradients 
 clips are exactly those of the full model's trainable tensors, which are the same
 Parameter objects, so the adapter state that travels is unchanged.
 
+The features are stored on the owner's disk (`$FEDLORA_CACHE/features`, memory-mapped on
+use): a simulation's Ray worker serves a different set of owners each round, and an
+in-process cache of 1 GB thrashed on the complaint narratives (10 owners, 2 GB of hidden
+states at 128 tokens), so adapter rounds with `--lora-layers 2` still paid the frozen
+layers' forward pass each round: 36 s a round for a 345-row owner against 22 s with the
+features at hand (one thread).
+
 In a probe round (LP-FT: only the task head trains) the whole encoder is frozen, so the
 same holds one level up: with `--cached-probe`, `head_view` trains the head alone on each
 example's pooled feature, computed once in eval mode (the encoder's dropout off, as a
@@ -25,7 +32,10 @@ adapters depends only on the tokens before it); other models use the full model
 from __future__ import annotations
 
 import hashlib
+import os
+import weakref
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,15 +43,20 @@ from torch.utils.data import TensorDataset
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
+from shared.cache import cache_dir
 from shared.data import trim_padding
 
 _CACHE: OrderedDict[str, TensorDataset] = OrderedDict()
 CACHE_ENTRIES = 16
-"""Enough for the server's test set and every owner of a federation of about a dozen that a
-worker serves round after round; with thousands of owners a worker rarely sees the same
-sampled client twice, so more entries only grow its memory with the number of clients
-(SmolLM2's hidden states for a 50-row owner at 128 tokens: 15 MB)."""
-CACHE_BYTES = 1 << 30  # a decoder's hidden states are large: 35 MB for 120 rows of 128 tokens at width 576
+"""Entries this process keeps open. They are memory-mapped files of the disk store, so the
+OS page cache, not the process, holds their bytes, and a Ray worker that serves a
+different owner each round, or a SuperNode's fresh ClientApp process, finds them there."""
+CACHE_BYTES = 1 << 30  # features held in process memory where the disk store cannot take them
+DISK_BYTES = 16 << 30
+"""Budget of the disk store (`$FEDLORA_CACHE/features`, the owner's own disk, like its
+data); the least recently used files go first. MiniLM's hidden states at 128 tokens take
+196 KB a row: 2 GB for the 10,000 complaint narratives."""
+_BASE_DIGESTS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def _classifier_model(model: nn.Module) -> nn.Module:
@@ -194,14 +209,15 @@ def _cache_bytes() -> int:
 
 
 def prefix_features(model: nn.Module, dataset: TensorDataset, start: int, key: str) -> TensorDataset:
-    """Hidden states entering layer `start` for every example, cached per process.
+    """Hidden states entering layer `start` for every example, cached (`_cached`).
 
-    `key` names the frozen weights (model and seed); the data's own bytes complete the
-    cache key, so two clients never share an entry unless their tokens are identical.
+    `key` names the model settings (model and seed) and the frozen weights' own digest
+    completes it; the data's own bytes too, so two clients never share an entry unless
+    their tokens are identical.
     Kept in float32 so evaluation on the cache reproduces the full model exactly.
     """
     full_key = f"{key}|{start}|{_data_digest(dataset)}"
-    return _cached(full_key, lambda: _features(model, dataset, start))
+    return _cached(full_key, model, lambda: _features(model, dataset, start))
 
 
 class HeadTop(nn.Module):
@@ -274,11 +290,86 @@ def _adapter_digest(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _cached(full_key: str, compute) -> TensorDataset:
+def _base_digest(model: nn.Module) -> str:
+    """Digest of the weights that never train (everything but the adapters and the task
+    head), once per model object: it completes a disk entry's key, so features of an
+    upgraded or re-initialised base model never come back from an older file."""
+    digest = _BASE_DIGESTS.get(model)
+    if digest is None:
+        head = getattr(_classifier_model(model), "classifier", None)
+        skip = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+        h = hashlib.sha256()
+        for name, p in model.named_parameters():
+            if "lora_" not in name and id(p) not in skip:
+                h.update(name.encode())
+                h.update(p.detach().float().cpu().numpy().tobytes())
+        digest = _BASE_DIGESTS[model] = h.hexdigest()
+    return digest
+
+
+def _store() -> Path:
+    return cache_dir("features")
+
+
+def _load(path: Path) -> TensorDataset | None:
+    """A stored entry, memory-mapped (the OS page cache holds it, not the process), or None
+    where it is missing or unreadable (then it is recomputed and rewritten)."""
+    try:
+        tensors = torch.load(path, mmap=True, weights_only=True)
+        if not (isinstance(tensors, (list, tuple)) and tensors and all(isinstance(t, torch.Tensor) for t in tensors)):
+            raise ValueError("not a tuple of tensors")
+        os.utime(path)  # least recently used goes first when the store is over budget
+        return TensorDataset(*tensors)
+    except FileNotFoundError:
+        return None
+    except Exception:  # a truncated or foreign file: drop it
+        path.unlink(missing_ok=True)
+        return None
+
+
+def _save(path: Path, features: TensorDataset) -> TensorDataset:
+    """Write atomically (private to the owner's user, like its data), trim the store to
+    DISK_BYTES, and return the memory-mapped copy so the computed one can be freed; on a
+    full or read-only disk the computed copy serves this process alone."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            torch.save(tuple(t.contiguous() for t in features.tensors), f)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return features
+    _trim_store(keep=path)
+    return _load(path) or features
+
+
+def _trim_store(keep: Path) -> None:
+    files = []
+    for f in _store().glob("*.pt"):
+        try:
+            files.append((f.stat().st_mtime, f.stat().st_size, f))
+        except OSError:  # another worker removed it
+            continue
+    total = sum(size for _, size, _ in files)
+    for _, size, f in sorted(files):
+        if total <= DISK_BYTES:
+            break
+        if f != keep:
+            f.unlink(missing_ok=True)
+            total -= size
+
+
+def _cached(full_key: str, model: nn.Module, compute) -> TensorDataset:
+    """Features by key: from this process's LRU, else from the disk store, else computed
+    and stored (see CACHE_BYTES and DISK_BYTES)."""
     if full_key in _CACHE:
         _CACHE.move_to_end(full_key)
         return _CACHE[full_key]
-    features = compute()
+    path = _store() / (hashlib.sha256(f"{full_key}|{_base_digest(model)}".encode()).hexdigest() + ".pt")
+    features = _load(path)
+    if features is None:
+        features = _save(path, compute())
     _CACHE[full_key] = features
     while len(_CACHE) > 1 and (len(_CACHE) > CACHE_ENTRIES or _cache_bytes() > CACHE_BYTES):
         _CACHE.popitem(last=False)
@@ -299,7 +390,7 @@ def head_view(model: nn.Module, dataset: TensorDataset, key: str) -> tuple[nn.Mo
     if head is None:
         return None
     full_key = f"{key}|head|{_adapter_digest(model)}|{_data_digest(dataset)}"
-    return HeadTop(model), _cached(full_key, lambda: _pooled(model, dataset, head))
+    return HeadTop(model), _cached(full_key, model, lambda: _pooled(model, dataset, head))
 
 
 def training_view(model: nn.Module, dataset: TensorDataset, lora_layers: int, key: str,
