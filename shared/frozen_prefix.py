@@ -384,8 +384,8 @@ def _data_digest(dataset: TensorDataset) -> str:
 
 
 def head_view(model: nn.Module, dataset: TensorDataset, key: str) -> tuple[nn.Module, TensorDataset] | None:
-    """(the head alone, each example's pooled feature as a one-token sequence), cached per
-    process, where only the head of a BERT-family classifier trains; else None."""
+    """(the head alone, each example's pooled feature as a one-token sequence), cached
+    (`_cached`), where only the head of a BERT-family classifier trains; else None."""
     head = _head_module(model)
     if head is None:
         return None

@@ -1,5 +1,5 @@
 """The frozen-prefix and pooled-feature caches live on the owner's disk: a new process (a
-SuperNode's per-message ClientApp, a Ray worker serving another owner) reads what an
+restarted agent, a Ray worker serving another owner) reads what an
 earlier one computed, and only where the frozen weights and the data are the same."""
 
 import os
