@@ -50,8 +50,8 @@ _CACHE: OrderedDict[str, TensorDataset] = OrderedDict()
 CACHE_ENTRIES = 16
 """Entries this process keeps open. They are memory-mapped files of the disk store, so the
 OS page cache, not the process, holds their bytes, and a Ray worker that serves a
-different owner each round, or a SuperNode's fresh ClientApp process, finds them there."""
-CACHE_BYTES = 1 << 30  # features held in process memory where the disk store cannot take them
+different owner each round, or a restarted agent, finds them there."""
+CACHE_BYTES = 1 << 30  # bytes of the entries kept open (computed in memory where the disk cannot take them)
 DISK_BYTES = 16 << 30
 """Budget of the disk store (`$FEDLORA_CACHE/features`, the owner's own disk, like its
 data); the least recently used files go first. MiniLM's hidden states at 128 tokens take
@@ -318,13 +318,19 @@ def _load(path: Path) -> TensorDataset | None:
         tensors = torch.load(path, mmap=True, weights_only=True)
         if not (isinstance(tensors, (list, tuple)) and tensors and all(isinstance(t, torch.Tensor) for t in tensors)):
             raise ValueError("not a tuple of tensors")
-        os.utime(path)  # least recently used goes first when the store is over budget
-        return TensorDataset(*tensors)
     except FileNotFoundError:
         return None
     except Exception:  # a truncated or foreign file: drop it
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
         return None
+    try:
+        os.utime(path)  # the least recently used go first when the store is over budget
+    except OSError:  # a read-only store still serves
+        pass
+    return TensorDataset(*tensors)
 
 
 def _save(path: Path, features: TensorDataset) -> TensorDataset:
