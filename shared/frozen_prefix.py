@@ -283,10 +283,13 @@ def _pooled(model: nn.Module, dataset: TensorDataset, head: nn.Module) -> Tensor
 def _adapter_digest(model: nn.Module) -> str:
     """Digest of the weights the pooled features depend on that change during a run: the
     adapters (the base weights are named by the caller's key; the head is read after)."""
+    return _tensor_digest(p for name, p in model.named_parameters() if "lora_" in name)
+
+
+def _tensor_digest(tensors) -> str:
     digest = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            digest.update(p.detach().float().cpu().numpy().tobytes())
+    for t in tensors:
+        digest.update(t.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -298,12 +301,8 @@ def _base_digest(model: nn.Module) -> str:
     if digest is None:
         head = getattr(_classifier_model(model), "classifier", None)
         skip = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-        h = hashlib.sha256()
-        for name, p in model.named_parameters():
-            if "lora_" not in name and id(p) not in skip:
-                h.update(name.encode())
-                h.update(p.detach().float().cpu().numpy().tobytes())
-        digest = _BASE_DIGESTS[model] = h.hexdigest()
+        digest = _BASE_DIGESTS[model] = _tensor_digest(
+            p for name, p in model.named_parameters() if "lora_" not in name and id(p) not in skip)
     return digest
 
 
@@ -354,9 +353,10 @@ def _trim_store(keep: Path) -> None:
     files = []
     for f in _store().glob("*.pt"):
         try:
-            files.append((f.stat().st_mtime, f.stat().st_size, f))
+            st = f.stat()
         except OSError:  # another worker removed it
             continue
+        files.append((st.st_mtime, st.st_size, f))
     total = sum(size for _, size, _ in files)
     for _, size, f in sorted(files):
         if total <= DISK_BYTES:
