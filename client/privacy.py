@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 
 from client.label_prior import RELEASE_RATE, logit_adjusted, release_counts
+from shared.atomic import atomic_write
 from shared.cache import cache_dir
 from shared.config import FedConfig
 from shared.errors import FedLoraError
@@ -113,11 +113,7 @@ def _noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, s
         sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                      steps=steps, accountant="rdp", alphas=ALPHAS, epsilon_tolerance=CALIBRATION_TOLERANCE)
     try:  # atomic: concurrent workers never read a torn file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"key": key, "sigma": sigma}, fh)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"key": key, "sigma": sigma}))
     except OSError:
         pass  # a read-only or full cache only costs the next process a recalibration
     return sigma
@@ -291,22 +287,7 @@ class PrivacyLedger:
         """Atomic and durable: a temporary file in the same folder, fsynced, renamed over
         the ledger, then the folder fsynced, so a crash or power cut leaves either the old
         or the new spend, never a torn or lost file. The caller holds `lock(path)`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(self.to_json())
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, self.to_json(), private=True, durable=True)
 
     @staticmethod
     @contextmanager

@@ -7,9 +7,9 @@ its history next to its checkpoints.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from rich.console import Console
 
 from client.policy import FAILURE_CODES, DeclineCode
 from rich.table import Table
+from shared.atomic import atomic_write
 from shared.tasks import Task, get_task
 
 # every round's row: "round", then the task's metrics (shared/tasks/), then these
@@ -25,12 +26,6 @@ RUN_FIELDS = ["train_loss", "epsilon_max", "clients_trained", "clients_declined"
 
 def _finite(x):
     return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def epsilon_max(summary: dict) -> float | None:
@@ -146,13 +141,12 @@ class RunReport:
 
     def write(self) -> None:
         self.output.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.output / "summary.json", json.dumps(self.summary(), indent=2))
-        tmp = self.output / "metrics.csv.tmp"
-        with tmp.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.round_fields())
-            writer.writeheader()
-            writer.writerows({k: r.get(k) for k in writer.fieldnames} for r in self.rounds)
-        os.replace(tmp, self.output / "metrics.csv")
+        atomic_write(self.output / "summary.json", json.dumps(self.summary(), indent=2))
+        table = io.StringIO(newline="")
+        writer = csv.DictWriter(table, fieldnames=self.round_fields())
+        writer.writeheader()
+        writer.writerows({k: r.get(k) for k in writer.fieldnames} for r in self.rounds)
+        atomic_write(self.output / "metrics.csv", table.getvalue())
 
     def plot(self) -> Path:
         import matplotlib

@@ -43,6 +43,7 @@ from torch.utils.data import TensorDataset
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 
+from shared.atomic import atomic_write
 from shared.cache import cache_dir
 from shared.data import trim_padding
 
@@ -336,14 +337,9 @@ def _save(path: Path, features: TensorDataset) -> TensorDataset:
     """Write atomically (private to the owner's user, like its data), trim the store to
     DISK_BYTES, and return the memory-mapped copy so the computed one can be freed; on a
     full or read-only disk the computed copy serves this process alone."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
-            torch.save(tuple(t.contiguous() for t in features.tensors), f)
-        os.replace(tmp, path)
+        atomic_write(path, lambda fh: torch.save(tuple(t.contiguous() for t in features.tensors), fh), private=True)
     except OSError:
-        tmp.unlink(missing_ok=True)
         return features
     _trim_store(keep=path)
     return _load(path) or features

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from collections import Counter
 from functools import lru_cache
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shared.atomic import atomic_write
 from shared.cache import cache_dir
 
 COUNT_WEIGHT = 0.3
@@ -168,10 +168,7 @@ def embeddings_cached(encoder_id: str, texts: list[str], compute) -> np.ndarray:
         except (OSError, ValueError):
             pass
     x = compute(texts)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-    np.save(tmp, x)
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: np.save(fh, x))
     return x
 
 
@@ -221,16 +218,14 @@ def write_owner_outputs(folder: Path, frame: pd.DataFrame, labels: np.ndarray, d
     table = frame.copy()
     table["segment"] = labels.astype(int)
     table["distance"] = distances
-    tmp = folder / "segments.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, folder / "segments.csv")
+    atomic_write(folder / "segments.csv", table.to_csv(index=False))
     lines = ["# Segments of this owner's customers", ""]
     for s in descriptions:
         lines += [f"## Segment {s['segment']} ({s['size']} customers)", "",
                   "Top words: " + (", ".join(s["top_words"]) or "(too few customers)"), "", "Most typical:"]
         lines += [f"- {t}" for t in s["typical_texts"]] + [""]
-    (folder / "segments.md").write_text("\n".join(lines), encoding="utf-8")
-    (folder / "segments.json").write_text(json.dumps(descriptions, indent=1), encoding="utf-8")
+    atomic_write(folder / "segments.md", "\n".join(lines))
+    atomic_write(folder / "segments.json", json.dumps(descriptions, indent=1))
 
 
 # --- privacy schedule -------------------------------------------------------------------

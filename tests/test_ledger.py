@@ -85,7 +85,7 @@ def test_save_fsyncs_the_file_and_the_folder(tmp_path, monkeypatch):
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real(fd)))
     _ledger().save(tmp_path / "l.json")
-    assert any(p.startswith(str(tmp_path / "l.json.")) for p in synced)  # the temporary file, before the rename
+    assert any(p.startswith(str(tmp_path / ".l.json.")) for p in synced)  # the temporary file, before the rename
     assert str(tmp_path) in synced
 
 
