@@ -168,7 +168,10 @@ def embeddings_cached(encoder_id: str, texts: list[str], compute) -> np.ndarray:
         except (OSError, ValueError):
             pass
     x = compute(texts)
-    atomic_write(path, lambda fh: np.save(fh, x))
+    try:  # private: derived from the owner's texts
+        atomic_write(path, lambda fh: np.save(fh, x), private=True)
+    except OSError:
+        pass  # a read-only or full cache only costs the next run the encoder pass
     return x
 
 
