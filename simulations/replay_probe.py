@@ -7,10 +7,12 @@ its batch, sampling rate and noise multiplier for the whole run), DP-SGD with mo
 the head's rate per unit of clipped gradient, the logit-adjusted loss on a noisy label
 prior, FedAvg over the owners and the release average; it prints the pooled test
 macro-F1 after each round for the baseline recipe and for each variant, with the ratio.
-It is a planning tool: the product's run adds the adapters' rounds on top.
+It is a planning tool: the product's run adds the adapters' rounds on top. `--pooled`
+replays one owner holding every row (bench_real's `central-dp`), so the cost of the
+federation and the cost of the noise can be told apart.
 
     python -m simulations.replay_probe [--dataset complaints] [--rounds 4] [--max-length-cap 128]
-        [--variant center_noise=5,head_lr=8 ...] [--repeats 2]
+        [--variant center_noise=5,head_lr=8 ...] [--repeats 2] [--pooled]
 
 The features are computed once per data set and length with the product's model and
 kept in the local cache (`$FEDLORA_CACHE/replay`).
@@ -57,15 +59,16 @@ def features(cfg: FedConfig, name: str) -> dict:
     return dict(np.load(path, allow_pickle=True))
 
 
-def replay(cfg: FedConfig, data: dict, rounds: int, seed: int) -> list[float]:
-    """Macro-F1 of the released head after each probe round."""
+def replay(cfg: FedConfig, data: dict, rounds: int, seed: int, pooled: bool = False) -> list[float]:
+    """Macro-F1 of the released head after each probe round (`pooled`: one owner holds every row)."""
     g = torch.Generator().manual_seed(seed)
     x, y = torch.tensor(data["xtrain"]), torch.tensor(data["ytrain"]).long()
     labels, width = len(data["labels"]), x.shape[1]
     weight, bias = torch.zeros(labels, width), torch.zeros(labels)
     owners = []
-    for name in sorted(set(data["owner"])):
-        rows = torch.tensor(np.flatnonzero(data["owner"] == name))
+    owner_of = np.zeros(len(y), dtype=int) if pooled else data["owner"]
+    for name in sorted(set(owner_of)):
+        rows = torch.tensor(np.flatnonzero(owner_of == name))
         plan = plan_privacy(cfg, len(rows))
         counts = torch.bincount(y[rows], minlength=labels).float() + cfg.label_prior_noise * torch.randn(labels, generator=g)
         prior = counts.clamp(min=0) + cfg.label_prior_noise
@@ -122,6 +125,7 @@ def main() -> None:
     parser.add_argument("--max-length-cap", type=int, default=128)
     parser.add_argument("--variant", action="append", default=[], help="key=value[,key=value]: FedConfig settings")
     parser.add_argument("--repeats", type=int, default=2, help="seeds of the replay's own noise, averaged")
+    parser.add_argument("--pooled", action="store_true", help="one owner holds every training row (central DP)")
     parser.add_argument("--output", default="", help="write the figures as JSON here")
     args = parser.parse_args()
     offline_and_quiet()
@@ -135,15 +139,16 @@ def main() -> None:
     results = {}
     for text in ["", *args.variant]:
         cfg = base.replace(**_variant(text))
-        runs = np.array([replay(cfg, data, args.rounds, seed) for seed in range(args.repeats)])
+        runs = np.array([replay(cfg, data, args.rounds, seed, args.pooled) for seed in range(args.repeats)])
         results[text or "baseline"] = runs.mean(0).tolist()
     first = results["baseline"]
     for name, f1 in results.items():
         rounds = " ".join(f"{v:.3f}" for v in f1)
-        print(f"{args.dataset} {name:32s} macro-F1 by round {rounds}   x{f1[-1] / first[-1]:.3f} of baseline")
+        print(f"{args.dataset}{' pooled' if args.pooled else ''} {name:32s} macro-F1 by round {rounds}   x{f1[-1] / first[-1]:.3f} of baseline")
     if args.output:
         Path(args.output).write_text(json.dumps({"dataset": args.dataset, "rounds": args.rounds,
                                                  "max_length_cap": args.max_length_cap, "repeats": args.repeats,
+                                                 "pooled": args.pooled,
                                                  "macro_f1": results}, indent=1))
 
 
