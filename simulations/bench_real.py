@@ -67,11 +67,18 @@ def subsample(data: RealData, max_train: int, max_test: int) -> RealData:
     return RealData(data.name, out["train"], out["test"], data.text_column, data.label_column, data.owner_column)
 
 
-@torch.no_grad()
 def linear_probe(cfg: FedConfig) -> dict:
     """Logistic regression on the base model's frozen sentence embeddings (no DP)."""
     from sklearn.linear_model import LogisticRegression
 
+    x_train, y_train, x_test, y_test, num_labels = probe_features(cfg)
+    clf = LogisticRegression(max_iter=2000).fit(x_train, y_train)
+    return scores(clf.predict(x_test), y_test, num_labels)
+
+
+@torch.no_grad()
+def probe_features(cfg: FedConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The base model's sentence embeddings and labels of the train and test rows."""
     fed = load_federation(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
     inner = model.base_model.model
@@ -86,10 +93,17 @@ def linear_probe(cfg: FedConfig) -> dict:
             out[chunk] = inner.bert(input_ids=ids[chunk][:, keep], attention_mask=mask[chunk][:, keep]).pooler_output
         return out.numpy(), y.numpy()
 
-    x_train, y_train = embed(fed.train)
-    x_test, y_test = embed(fed.test)
-    clf = LogisticRegression(max_iter=2000).fit(x_train, y_train)
-    return scores(clf.predict(x_test), y_test, len(fed.labels))
+    # the process's cached model may hold adapters a run before this one trained (the
+    # server's evaluation, the local-only baselines): the probe reads the base model alone
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter():
+            x_train, y_train = embed(fed.train)
+            x_test, y_test = embed(fed.test)
+    finally:
+        model.train(was_training)
+    return x_train, y_train, x_test, y_test, len(fed.labels)
 
 
 def run_dataset(data: RealData, base: FedConfig, variants: list[str], output: Path, console: Console) -> dict:
