@@ -256,14 +256,15 @@ def _head_module(model: nn.Module) -> nn.Module | None:
 @torch.no_grad()
 def head_inputs(model: nn.Module, head: nn.Module, dataset: TensorDataset, batch_size: int = 64) -> torch.Tensor:
     """What `head` reads for every row, in row order, from one eval-mode forward pass
-    (dropout off; similar lengths batched together, so less padding to compute)."""
+    (dropout off; similar lengths batched together, so less padding to compute). Works
+    inside peft's ``disable_adapter()`` too: the hook sits on the module that runs."""
     input_ids, attention_mask, _ = dataset.tensors
     seen: list[torch.Tensor] = []
     order = torch.argsort(attention_mask.sum(1))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
+    handle = _running(model, head).register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().float().cpu()))
     try:
         for chunk in order.split(batch_size):
             ids, mask = trim_padding(input_ids[chunk], attention_mask[chunk])
@@ -273,6 +274,17 @@ def head_inputs(model: nn.Module, head: nn.Module, dataset: TensorDataset, batch
         model.train(was_training)
     rows = torch.cat(seen)
     return torch.empty_like(rows).index_copy_(0, order, rows)
+
+
+def _running(model: nn.Module, head: nn.Module) -> nn.Module:
+    """peft's ``modules_to_save`` wrapper holding `head` when there is one: with the
+    adapters disabled it runs the original layer, not the trained copy, and both read the
+    wrapper's input."""
+    for module in model.modules():
+        copies = getattr(module, "modules_to_save", None)
+        if isinstance(copies, nn.ModuleDict) and any(copy is head for copy in copies.values()):
+            return module
+    return head
 
 
 def _pooled(model: nn.Module, dataset: TensorDataset, head: nn.Module) -> TensorDataset:

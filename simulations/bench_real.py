@@ -78,31 +78,24 @@ def linear_probe(cfg: FedConfig) -> dict:
 
 @torch.no_grad()
 def probe_features(cfg: FedConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """The base model's sentence embeddings and labels of the train and test rows."""
+    """The base model's sentence embeddings (its task head's inputs) and the labels of the
+    train and test rows."""
+    from client.feature_center import head_layer
+    from shared.frozen_prefix import head_inputs
+
     fed = load_federation(cfg)
     model, tokenizer = cached_model(cfg, len(fed.labels))
-    inner = model.base_model.model
+    head = head_layer(model)
 
     def embed(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         data = encode(frame, fed.labels, tokenizer, choose_max_length(frame, tokenizer, cfg, model))
-        ids, mask, y = data.tensors
-        order = torch.argsort(mask.sum(1))
-        out = torch.zeros(len(ids), inner.config.hidden_size)
-        for chunk in order.split(64):
-            keep = mask[chunk].bool().any(0)
-            out[chunk] = inner.bert(input_ids=ids[chunk][:, keep], attention_mask=mask[chunk][:, keep]).pooler_output
-        return out.numpy(), y.numpy()
+        return head_inputs(model, head, data).numpy(), data.tensors[-1].numpy()
 
     # the process's cached model may hold adapters a run before this one trained (the
     # server's evaluation, the local-only baselines): the probe reads the base model alone
-    was_training = model.training
-    model.eval()
-    try:
-        with model.disable_adapter():
-            x_train, y_train = embed(fed.train)
-            x_test, y_test = embed(fed.test)
-    finally:
-        model.train(was_training)
+    with model.disable_adapter():
+        x_train, y_train = embed(fed.train)
+        x_test, y_test = embed(fed.test)
     return x_train, y_train, x_test, y_test, len(fed.labels)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from client.privacy import plan_privacy
+from shared.atomic import atomic_write
 from shared.cache import cache_dir
 from shared.config import FedConfig
 from shared.evaluation import scores
@@ -41,21 +42,14 @@ def features(cfg: FedConfig, name: str) -> dict:
     """Frozen head inputs of every train and test row, and each train row's owner (cached)."""
     path = cache_dir("replay") / f"{name}-{cfg.max_length_cap}.npz"
     if not path.exists():
-        from client.feature_center import head_layer
-        from shared.frozen_prefix import head_inputs
-        from shared.data import choose_max_length, encode, load_federation
-        from shared.lora import cached_model
+        from shared.data import load_federation
+        from simulations.bench_real import probe_features
 
+        xtrain, ytrain, xtest, ytest, _ = probe_features(cfg)
         fed = load_federation(cfg)
-        model, tok = cached_model(cfg, len(fed.labels))
-        head = head_layer(model)
-        enc = {split: encode(frame, fed.labels, tok, choose_max_length(frame, tok, cfg, model))
-               for split, frame in (("train", fed.train), ("test", fed.test))}
-        out = {f"x{split}": head_inputs(model, head, ds).numpy() for split, ds in enc.items()}
-        out.update(ytrain=enc["train"].tensors[-1].numpy(), ytest=enc["test"].tensors[-1].numpy(),
+        out = dict(xtrain=xtrain, ytrain=ytrain, xtest=xtest, ytest=ytest,
                    owner=fed.train[cfg.partition_by].astype(str).to_numpy(), labels=np.array(fed.labels))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **out)
+        atomic_write(path, lambda fh: np.savez(fh, **out), private=True)  # owners' features
     return dict(np.load(path, allow_pickle=True))
 
 
